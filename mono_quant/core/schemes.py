@@ -1,0 +1,406 @@
+"""Pure quantization maths: qparams, quantize / dequantize, int4 packing.
+
+Everything here is a function of tensors, with no module state, so it can be tested alone and
+reused by the observers, the quantized layers and the streaming file quantizer.
+
+Conventions (affine quantization)::
+
+    q     = clamp(round(x / scale) + zero_point, qmin, qmax)
+    x_hat = (q - zero_point) * scale
+
+* int8 symmetric:  q in [-127, 127], zero_point = 0 (the range is kept symmetric on purpose,
+  so that -x quantizes to -q and int8 x int8 products never see -128).
+* int8 asymmetric: q in [-128, 127], zero_point in the same range.
+* int4:            stored unsigned, q in [0, 15]; symmetric int4 uses [1, 15] with
+  zero_point = 8 (so the grid is -7..7 around zero), asymmetric uses [0, 15].
+* The range [min, max] is always widened to contain 0, so zero is exactly representable
+  (padding and ReLU outputs stay exact).
+
+Granularity is a small frozen object: :class:`PerTensor`, :class:`PerChannel` (one scale per
+row of a weight: the output axis) or :class:`PerGroup` (``group_size`` consecutive elements
+along the last, input axis share a scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mono_quant.api.exceptions import ConfigurationError, InputError
+
+__all__ = [
+    "QuantSpec",
+    "INT8_SYMMETRIC",
+    "INT8_ASYMMETRIC",
+    "INT4_SYMMETRIC",
+    "INT4_ASYMMETRIC",
+    "Granularity",
+    "PerTensor",
+    "PerChannel",
+    "PerGroup",
+    "QuantizedTensor",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "quantize_weight",
+    "dequantize_weight",
+    "pack_int4",
+    "unpack_int4",
+    "sqnr",
+]
+
+# Smallest scale we ever produce: an all-zero block quantizes to zeros instead of NaN.
+_MIN_SCALE = 1e-12
+# Rows processed at a time on the CPU: a 64 x 4096 fp32 block is 1 MiB and stays in L2, so
+# each element is read from memory once and every intermediate pass hits the cache.
+_CPU_BLOCK_ROWS = 64
+# On accelerators one big kernel per op is fastest; chunk only to bound temporary memory.
+_DEVICE_BLOCK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An integer grid: bit width and whether it is symmetric around zero.
+
+    Example:
+        >>> QuantSpec(bits=8, symmetric=True).qmin, QuantSpec(8, True).qmax
+        (-127, 127)
+    """
+
+    bits: int
+    symmetric: bool
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigurationError(
+                f"integer quantization supports 4 or 8 bits, got bits={self.bits!r}",
+                suggestion="Use bits=8 (int8) or bits=4 (int4 group-wise weights).",
+            )
+
+    @property
+    def qmin(self) -> int:
+        if self.bits == 8:
+            return -127 if self.symmetric else -128
+        return 1 if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else 15
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """dtype of unpacked integer values: int8 for 8 bits, uint8 (0..15) for 4 bits."""
+        return torch.int8 if self.bits == 8 else torch.uint8
+
+    @property
+    def symmetric_zero_point(self) -> int:
+        """The fixed zero point of the symmetric grid (0 for int8, 8 for unsigned int4)."""
+        return 0 if self.bits == 8 else 8
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}_{'sym' if self.symmetric else 'asym'}"
+
+
+INT8_SYMMETRIC = QuantSpec(8, True)
+INT8_ASYMMETRIC = QuantSpec(8, False)
+INT4_SYMMETRIC = QuantSpec(4, True)
+INT4_ASYMMETRIC = QuantSpec(4, False)
+
+
+class Granularity:
+    """Base of the granularity objects; ``name`` goes into file metadata."""
+
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class PerTensor(Granularity):
+    """One scale for the whole tensor."""
+
+    name = "per_tensor"
+
+
+@dataclass(frozen=True)
+class PerChannel(Granularity):
+    """One scale per slice along ``axis`` (0 = output channels of a weight)."""
+
+    axis: int = 0
+    name = "per_channel"
+
+
+@dataclass(frozen=True)
+class PerGroup(Granularity):
+    """One scale per ``group_size`` consecutive elements of the last (input) axis."""
+
+    group_size: int = 128
+    name = "per_group"
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+            raise ConfigurationError(
+                f"group_size must be a power of two >= 2, got {self.group_size!r}",
+                suggestion="Use group_size=32, 64 or 128 (128 is the usual default).",
+            )
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer values plus the qparams that map them back to real numbers.
+
+    ``qdata`` is unpacked (int8, or uint8 0..15 for int4). ``scale`` / ``zero_point`` have the
+    shape of the granularity: ``[]`` per tensor, ``[rows]`` per channel, ``[rows, K // g]``
+    per group. ``zero_point`` is None for symmetric int8 (it is 0 everywhere).
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    spec: QuantSpec
+    granularity: Granularity
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self, dtype)
+
+
+def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ``[min_val, max_val]`` (elementwise, any shape).
+
+    The range is first widened to contain zero. Returns fp32 ``scale`` and an int32
+    ``zero_point`` of the same shape as the inputs.
+
+    Example:
+        >>> s, zp = choose_qparams(torch.tensor(-1.0), torch.tensor(3.0), INT8_ASYMMETRIC)
+        >>> round(float(s), 6), int(zp)
+        (0.015686, -64)
+    """
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if spec.symmetric:
+        half_range = (spec.qmax - spec.qmin) / 2
+        scale = torch.maximum(-min_val, max_val) / half_range
+        scale = scale.clamp_(min=_MIN_SCALE)
+        zero_point = torch.full_like(scale, spec.symmetric_zero_point, dtype=torch.int32)
+        return scale, zero_point
+    scale = ((max_val - min_val) / (spec.qmax - spec.qmin)).clamp_(min=_MIN_SCALE)
+    zero_point = torch.round(spec.qmin - min_val / scale).clamp_(spec.qmin, spec.qmax)
+    return scale, zero_point.to(torch.int32)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` in ``spec.storage_dtype``.
+
+    ``scale`` and ``zero_point`` broadcast against ``x``.
+    """
+    q = torch.div(x.float(), scale).round_()
+    if zero_point is not None:
+        q.add_(zero_point)
+    return q.clamp_(spec.qmin, spec.qmax).to(spec.storage_dtype)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in ``dtype``; ``scale``/``zero_point`` broadcast."""
+    x = q.to(torch.float32)
+    if zero_point is not None:
+        x = x.sub_(zero_point)
+    return x.mul_(scale).to(dtype)
+
+
+def _check_weight(weight: torch.Tensor, granularity: Granularity) -> None:
+    if not weight.is_floating_point():
+        raise InputError(
+            f"expected a floating-point weight, got dtype {weight.dtype}",
+            suggestion="Quantize the float model, not one that is already quantized.",
+        )
+    if isinstance(granularity, PerGroup):
+        if weight.dim() != 2:
+            raise InputError(
+                f"group-wise quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
+                suggestion="Use per-channel quantization for this layer.",
+            )
+        if weight.shape[1] % granularity.group_size:
+            raise InputError(
+                f"input size {weight.shape[1]} is not divisible by group_size={granularity.group_size}",
+                suggestion="Pick a group_size that divides the layer's input features, or exclude the layer.",
+            )
+
+
+def _search_clipping(
+    tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, shrink: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group qparams minimising the squared error over ranges ``[lo, hi] * f``.
+
+    ``tile [rows, groups, group]``; tries each factor ``f`` of ``shrink`` and keeps, for each
+    group, the one with the smallest ``sum((dequant(quant(x)) - x)^2)``. Clipping a few
+    extreme weights buys every other weight a finer grid: for int4 this is worth about
+    1 dB of SQNR over plain min/max.
+    """
+    best_scale, best_zp = choose_qparams(lo, hi, spec)
+    best_err = None
+    trial = torch.empty_like(tile)
+    for factor in shrink.tolist():
+        scale, zp = choose_qparams(lo * factor, hi * factor, spec)
+        torch.div(tile, scale.unsqueeze(2), out=trial).round_()
+        trial.add_(zp.unsqueeze(2)).clamp_(spec.qmin, spec.qmax).sub_(zp.unsqueeze(2))
+        trial.mul_(scale.unsqueeze(2)).sub_(tile)
+        err = trial.square_().sum(dim=2)
+        if best_err is None:
+            best_err, best_scale, best_zp = err, scale, zp
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    granularity: Granularity = PerChannel(),
+    clip_search_steps: int = 0,
+) -> QuantizedTensor:
+    """Quantize a weight tensor (``[out, ...]``) with min/max qparams.
+
+    With ``clip_search_steps > 0`` each row/group instead gets the clipping range, among
+    ``clip_search_steps`` shrinkings of its min/max down to 70%, that minimises its squared
+    quantization error (MSE clipping search; used for int4, where it matters).
+
+    Works block by block over the output rows, so the temporary memory is a few MiB whatever
+    the weight size, and on the CPU each block stays in cache (one read of the weight, one
+    write of the result). The input is never modified.
+
+    Shapes: per tensor -> scale ``[]``; per channel -> ``[out]``; per group (2-D weight
+    ``[out, in]``) -> ``[out, in // group_size]``.
+
+    Example:
+        >>> w = torch.randn(16, 64)
+        >>> qt = quantize_weight(w, INT4_ASYMMETRIC, PerGroup(32))
+        >>> qt.qdata.shape, qt.scale.shape
+        (torch.Size([16, 64]), torch.Size([16, 2]))
+    """
+    _check_weight(weight, granularity)
+    if isinstance(granularity, PerTensor):
+        lo, hi = torch.aminmax(weight.detach())
+        scale, zero_point = choose_qparams(lo, hi, spec)
+        zp = None if spec.symmetric and spec.bits == 8 else zero_point
+        q = quantize(weight.detach(), scale, zp, spec)
+        return QuantizedTensor(q, scale, zp, spec, granularity)
+    if isinstance(granularity, PerChannel) and granularity.axis != 0:
+        moved = weight.detach().movedim(granularity.axis, 0).contiguous()
+        inner = quantize_weight(moved, spec, PerChannel(0))
+        inner.qdata = inner.qdata.movedim(0, granularity.axis).contiguous()
+        inner.granularity = granularity
+        return inner
+
+    rows = weight.shape[0]
+    flat = weight.detach().reshape(rows, -1)
+    cols = flat.shape[1]
+    group = granularity.group_size if isinstance(granularity, PerGroup) else cols
+    groups = cols // group
+    device = weight.device
+    q_out = torch.empty((rows, cols), dtype=spec.storage_dtype, device=device)
+    scale_out = torch.empty((rows, groups), dtype=torch.float32, device=device)
+    keep_zp = not (spec.symmetric and spec.bits == 8)
+    zp_out = torch.empty((rows, groups), dtype=torch.int32, device=device) if keep_zp else None
+
+    if device.type == "cpu":
+        block = _CPU_BLOCK_ROWS
+    else:
+        block = max(1, _DEVICE_BLOCK_ELEMENTS // max(cols, 1))
+    work = torch.empty((min(block, rows), groups, group), dtype=torch.float32, device=device)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        n = stop - start
+        tile = work[:n]
+        tile.copy_(flat[start:stop].view(n, groups, group))
+        lo, hi = torch.aminmax(tile, dim=2)
+        if clip_search_steps:
+            shrink = torch.linspace(1.0, 0.7, clip_search_steps)
+            scale, zero_point = _search_clipping(tile, lo, hi, spec, shrink)
+        else:
+            scale, zero_point = choose_qparams(lo, hi, spec)
+        tile.div_(scale.unsqueeze(2)).round_()
+        if keep_zp:
+            tile.add_(zero_point.unsqueeze(2))
+            zp_out[start:stop] = zero_point
+        tile.clamp_(spec.qmin, spec.qmax)
+        q_out[start:stop].view(n, groups, group).copy_(tile)
+        scale_out[start:stop] = scale
+
+    q_out = q_out.view(weight.shape)
+    if not isinstance(granularity, PerGroup):
+        scale_out = scale_out.view(rows)
+        zp_out = zp_out.view(rows) if zp_out is not None else None
+    return QuantizedTensor(q_out, scale_out, zp_out, spec, granularity)
+
+
+def _broadcast_qparam(qparam: torch.Tensor, qt_shape: torch.Size, granularity: Granularity):
+    if isinstance(granularity, PerTensor):
+        return qparam
+    if isinstance(granularity, PerChannel):
+        shape = [1] * len(qt_shape)
+        shape[granularity.axis] = -1
+        return qparam.view(shape)
+    return qparam.unsqueeze(-1)  # per group: [rows, groups, 1] against [rows, groups, group]
+
+
+def dequantize_weight(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The real-valued tensor a :class:`QuantizedTensor` stands for, in ``dtype``."""
+    q = qt.qdata
+    if isinstance(qt.granularity, PerGroup):
+        rows, cols = q.shape
+        q = q.view(rows, cols // qt.granularity.group_size, qt.granularity.group_size)
+    scale = _broadcast_qparam(qt.scale, q.shape, qt.granularity)
+    zp = None
+    if qt.zero_point is not None:
+        zp = _broadcast_qparam(qt.zero_point, q.shape, qt.granularity)
+    return dequantize(q, scale, zp, dtype).view(qt.qdata.shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned 4-bit values (uint8 in 0..15) two per byte along the last axis.
+
+    Element ``2i`` goes in the low nibble of byte ``i``, ``2i+1`` in the high nibble.
+    Shape ``[..., K]`` -> ``[..., K // 2]`` (K must be even).
+
+    Example:
+        >>> pack_int4(torch.tensor([1, 2], dtype=torch.uint8))
+        tensor([33], dtype=torch.uint8)
+    """
+    if q.shape[-1] % 2:
+        raise InputError(
+            f"int4 packing needs an even last dimension, got shape {tuple(q.shape)}",
+            suggestion="Pad the tensor, or quantize this layer to int8.",
+        )
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``[..., K // 2]`` uint8 -> ``[..., K]`` values 0..15."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``.
+
+    ``inf`` when the two are identical.
+    """
+    ref = reference.detach().double()
+    noise = (ref - approximation.detach().double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)

