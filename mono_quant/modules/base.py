@@ -45,6 +45,7 @@ __all__ = [
     "register_quantized_module",
     "quantized_class_for",
     "build_quantized_module",
+    "quantize_weight_tensors",
 ]
 
 ACTIVATION_MODES = ("none", "dynamic", "static")
@@ -149,29 +150,14 @@ class QuantizedModule(nn.Module):
 
     # -- weight storage shared by the layers -------------------------------------------------
     def _store_weight(self, weight: torch.Tensor, config: LayerQuantConfig) -> None:
-        if config.per_channel or config.group_size:
-            qt = quantize_weight(weight, config.weight_spec, config.granularity, config.clip_search_steps)
+        self.weight_shape = tuple(weight.shape)
+        tensors = quantize_weight_tensors(weight, config)
+        for name in ("qweight", "weight_scale"):
+            self.register_buffer(name, tensors[name])
+        if "weight_zero_point" in tensors:
+            self.register_buffer("weight_zero_point", tensors["weight_zero_point"])
         else:
-            # Per-tensor: one scale, stored as identical per-channel scales so that every
-            # kernel and the file format have a single layout to handle.
-            qt = quantize_weight(weight, config.weight_spec, PerTensor())
-            rows = weight.shape[0]
-            qt.scale = qt.scale.reshape(1).expand(rows).contiguous()
-            if qt.zero_point is not None:
-                qt.zero_point = qt.zero_point.reshape(1).expand(rows).contiguous()
-            qt.granularity = PerChannel(0)
-        self._register_quantized(qt, weight.shape)
-
-    def _register_quantized(self, qt: QuantizedTensor, shape: torch.Size) -> None:
-        self.weight_shape = tuple(shape)
-        qdata = pack_int4(qt.qdata) if qt.spec.bits == 4 else qt.qdata
-        self.register_buffer("qweight", qdata)
-        self.register_buffer("weight_scale", qt.scale.float())
-        if qt.zero_point is None:
             self.weight_zero_point = None
-        else:
-            zp_dtype = torch.uint8 if qt.spec.bits == 4 else torch.int8
-            self.register_buffer("weight_zero_point", qt.zero_point.to(zp_dtype))
 
     def _register_empty(self, shape: tuple[int, ...], config: LayerQuantConfig, device=None) -> None:
         """Zero-filled buffers of the shapes ``_store_weight`` would produce."""
@@ -206,6 +192,32 @@ class QuantizedModule(nn.Module):
         group = f", group_size={c.group_size}" if c.group_size else ""
         sym = "sym" if c.symmetric else "asym"
         return f"shape={self.weight_shape}, int{c.bits} {sym}{group}, activation={c.activation}"
+
+
+def quantize_weight_tensors(weight: torch.Tensor, config: LayerQuantConfig) -> dict[str, torch.Tensor]:
+    """The stored form of a quantized weight: ``qweight``, ``weight_scale`` and, unless the
+    grid is symmetric int8, ``weight_zero_point`` (see the module docstring for layouts).
+
+    Shared by the quantized layers and the tensor-by-tensor state_dict / file quantizer, so a
+    file made either way loads into the same layers.
+    """
+    if config.per_channel or config.group_size:
+        qt = quantize_weight(weight, config.weight_spec, config.granularity, config.clip_search_steps)
+    else:
+        # Per-tensor: one scale, stored as identical per-channel scales so that every
+        # kernel and the file format have a single layout to handle.
+        qt = quantize_weight(weight, config.weight_spec, PerTensor())
+        rows = weight.shape[0]
+        qt.scale = qt.scale.reshape(1).expand(rows).contiguous()
+        if qt.zero_point is not None:
+            qt.zero_point = qt.zero_point.reshape(1).expand(rows).contiguous()
+    out = {
+        "qweight": pack_int4(qt.qdata) if qt.spec.bits == 4 else qt.qdata,
+        "weight_scale": qt.scale.float(),
+    }
+    if qt.zero_point is not None:
+        out["weight_zero_point"] = qt.zero_point.to(torch.uint8 if qt.spec.bits == 4 else torch.int8)
+    return out
 
 
 def build_quantized_module(module: nn.Module, config: LayerQuantConfig, kind: str | None = None) -> QuantizedModule:

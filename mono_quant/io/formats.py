@@ -1,0 +1,477 @@
+"""The mono_quant file format: safetensors with real low-bit tensors and JSON metadata.
+
+A saved file holds every tensor of the quantized model's state_dict (``*.qweight`` int8 or
+packed int4, ``*.weight_scale``, ``*.weight_zero_point``, float tensors as they were) and
+string metadata (safetensors metadata is ``Dict[str, str]``, so structures are JSON strings):
+
+* ``format`` = "mono_quant", ``format_version`` = "1", ``mono_quant_version``
+* ``layers``: JSON ``{layer name: {kind, bits, symmetric, group_size, activation, ...}}``
+* ``quantization_info``: JSON of :class:`QuantizationInfo` when known
+
+``load_quantized(path, model)`` rebuilds the quantized layers inside a float skeleton of the
+same architecture from ``layers`` and loads the tensors: outputs are bitwise identical.
+
+State dicts (no forward) and files are quantized tensor by tensor: every floating ``*.weight``
+of two or more dimensions becomes a layer entry of kind "auto", which ``load_quantized``
+turns into the quantized class of whatever layer the skeleton has at that name.
+:func:`quantize_file` does this streaming: one tensor in memory at a time, written straight
+to the output file, so peak memory is a small fraction of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mono_quant.api.exceptions import ConfigurationError, InputError
+from mono_quant.core.progress import Progress, ProgressCallback
+from mono_quant.core.quantizers import QuantizationInfo, _cast_input_hook, _set_submodule, cast_hooks
+from mono_quant.core.selection import _as_tuple, _compile
+from mono_quant.io.handlers import load_state_dict_file, read_safetensors_header
+from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
+from mono_quant.modules.base import quantize_weight_tensors
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "save_model",
+    "load_model",
+    "read_metadata",
+    "load_quantized",
+    "layer_metadata",
+    "quantize_state_dict",
+    "quantize_file",
+]
+
+FORMAT_NAME = "mono_quant"
+FORMAT_VERSION = "1"
+
+_TORCH_TO_ST = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+}  # fmt: skip
+_ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
+
+
+def _version() -> str:
+    from mono_quant import __version__
+
+    return __version__
+
+
+def layer_metadata(model: nn.Module) -> dict[str, dict]:
+    """``{name: config}`` of every quantized or cast layer in ``model``."""
+    layers: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            layers[name] = module.metadata()
+        elif any(hook is _cast_input_hook for hook in module._forward_pre_hooks.values()):
+            layers[name] = {"kind": "cast", "dtype": str(module.weight.dtype).replace("torch.", "")}
+    return layers
+
+
+def _file_metadata(layers: dict[str, dict], info: QuantizationInfo | dict | None) -> dict[str, str]:
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "mono_quant_version": _version(),
+        "layers": json.dumps(layers, sort_keys=True),
+    }
+    if info is not None:
+        data = info.to_dict() if isinstance(info, QuantizationInfo) else info
+        meta["quantization_info"] = json.dumps(data, default=str, sort_keys=True)
+    return meta
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def _unshare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with storage shared between entries (tied weights) copied:
+    safetensors stores each tensor on its own."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_model(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    quantization_info: QuantizationInfo | dict | None = None,
+    layers: dict[str, dict] | None = None,
+) -> Path:
+    """Write a (quantized) model to ``path`` atomically; returns the path.
+
+    ``.safetensors`` (default; any other suffix gets it appended) or ``.pt`` (a
+    ``torch.save`` of ``{"state_dict", "mono_quant_metadata"}``, loadable with weights_only).
+
+    Example:
+        >>> save_model(result.model, "model.safetensors", result.info)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if isinstance(model, nn.Module):
+        state_dict = model.state_dict()
+        layers = layer_metadata(model) if layers is None else layers
+    elif isinstance(model, Mapping):
+        state_dict = model
+        layers = layers or {}
+    else:
+        raise InputError(
+            f"save_model needs an nn.Module or a state_dict, got {type(model).__name__}",
+            suggestion="Pass result.model from mono_quant.quantize().",
+        )
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        path = path.with_name(path.name + ".safetensors")
+    metadata = _file_metadata(layers, quantization_info)
+    tensors = _unshare(state_dict)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata=metadata)
+        else:
+            torch.save({"state_dict": tensors, "mono_quant_metadata": metadata}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state_dict safely (safetensors, or ``torch.load(weights_only=True)``).
+
+    A pickled whole module is refused with UnsupportedFormatError; a corrupt or truncated
+    file raises InputError.
+    """
+    return load_state_dict_file(path)  # trusted=False: always a state_dict, never a module
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded metadata of a mono_quant file (``layers`` and ``quantization_info`` as
+    structures); an empty ``layers`` for plain files."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        raw = obj.get("mono_quant_metadata", {}) if isinstance(obj, dict) else {}
+    else:
+        _, raw = read_safetensors_header(path)
+    meta: dict[str, Any] = dict(raw)
+    for key in ("layers", "quantization_info"):
+        if key in meta:
+            try:
+                meta[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise InputError(
+                    f"{path.name}: metadata field {key!r} is not valid JSON",
+                    suggestion="The file was modified or corrupted; quantize the model again.",
+                ) from None
+    meta.setdefault("layers", {})
+    return meta
+
+
+def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Put the quantized layers saved in ``path`` into ``model``, a float skeleton of the
+    same architecture (its weights may be random: they are replaced). Returns ``model``.
+
+    Example:
+        >>> skeleton = MyModel()  # doctest: +SKIP
+        >>> qmodel = load_quantized("model.safetensors", skeleton)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"load_quantized needs the float model to load into, got {type(model).__name__}",
+            suggestion="Build the original architecture (e.g. MyModel() or AutoModel.from_config) and pass it.",
+        )
+    meta = read_metadata(path)
+    if meta.get("format") not in (None, FORMAT_NAME):
+        raise InputError(
+            f"{Path(path).name} has format {meta.get('format')!r}, not {FORMAT_NAME!r}",
+            suggestion="Load it with the tool that wrote it.",
+        )
+    state_dict = load_model(path)
+    for name, config in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise InputError(
+                f"the file has a quantized layer {name!r} that the model does not have",
+                suggestion="Pass the same architecture the file was quantized from.",
+            ) from None
+        if config.get("kind") == "cast":
+            dtype = getattr(torch, config["dtype"])
+            module.to(dtype)
+            cast_hooks(module)
+            continue
+        kind = config.get("kind")
+        layer = build_quantized_module(module, LayerQuantConfig.from_dict(config), None if kind == "auto" else kind)
+        _set_submodule(model, name, layer)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(
+            f"the file does not match the model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}",
+            suggestion="Pass the same architecture (and configuration) the file was quantized from.",
+        )
+    return model.eval()
+
+
+# -- tensor-by-tensor quantization (state dicts and files) ---------------------------------------
+class _TensorPlan:
+    """Decides, from a tensor's name and shape alone, how it is stored in the output."""
+
+    def __init__(
+        self,
+        bits: int,
+        symmetric: bool,
+        group_size: int | None,
+        activation: str,
+        embedding_bits: int,
+        clip_search_steps: int,
+        float_dtype: torch.dtype | None,
+        include: Any,
+        exclude: Any,
+    ) -> None:
+        self.bits = bits
+        self.symmetric = symmetric
+        self.group_size = group_size or 128
+        self.activation = activation
+        self.embedding_bits = embedding_bits
+        self.clip_search_steps = clip_search_steps
+        self.float_dtype = float_dtype
+        self.include = tuple(_compile(p) for p in _as_tuple(include, "include"))
+        self.exclude = tuple(_compile(p) for p in _as_tuple(exclude, "exclude"))
+        self.skipped: dict[str, str] = {}
+
+    def config_for(self, name: str, shape: tuple[int, ...], is_float: bool) -> tuple[str, Any] | None:
+        """``(layer, LayerQuantConfig | "cast")`` for a tensor to quantize, or None to copy."""
+        if not is_float or not name.endswith(".weight") or len(shape) < 2:
+            return None
+        layer = name[: -len(".weight")]
+        if self.include and not any(p.fullmatch(layer) for p in self.include):
+            return None
+        if any(p.fullmatch(layer) for p in self.exclude):
+            self.skipped[layer] = "matched an exclude pattern"
+            return None
+        if self.bits == 16:
+            return layer, "cast"
+        bits = self.bits
+        activation = self.activation
+        if "embed" in layer.lower():  # embedding tables: int8 rows (embedding_bits)
+            bits, activation = self.embedding_bits, "none"
+        if len(shape) > 2:  # convolutions: int8 per channel, float compute
+            bits, activation = 8, "none"
+        group_size = self.group_size if bits == 4 else None
+        if group_size and shape[-1] % group_size:
+            self.skipped[layer] = f"in_features={shape[-1]} is not divisible by group_size={group_size}"
+            return None
+        config = LayerQuantConfig(
+            bits=bits,
+            symmetric=self.symmetric,
+            group_size=group_size,
+            activation=activation,
+            clip_search_steps=self.clip_search_steps if bits == 4 else 0,
+        )
+        return layer, config
+
+    def outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+        """Names, dtypes and shapes this tensor becomes (known before any data is read)."""
+        decision = self.config_for(name, shape, dtype.is_floating_point)
+        if decision is None:
+            return [(name, dtype, shape)]
+        layer, config = decision
+        if config == "cast":
+            return [(name, self.float_dtype, shape)]
+        rows = shape[0]
+        qparam_shape = (rows, shape[-1] // config.group_size) if config.group_size else (rows,)
+        out = [
+            (
+                f"{layer}.qweight",
+                torch.uint8 if config.bits == 4 else torch.int8,
+                (*shape[:-1], shape[-1] // 2) if config.bits == 4 else shape,
+            ),
+            (f"{layer}.weight_scale", torch.float32, qparam_shape),
+        ]
+        if not (config.symmetric and config.bits == 8):
+            out.append((f"{layer}.weight_zero_point", torch.uint8 if config.bits == 4 else torch.int8, qparam_shape))
+        return out
+
+    def convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        decision = self.config_for(name, tuple(tensor.shape), tensor.is_floating_point())
+        if decision is None:
+            return {name: tensor}
+        layer, config = decision
+        if config == "cast":
+            return {name: tensor.to(self.float_dtype)}
+        return {f"{layer}.{key}": value for key, value in quantize_weight_tensors(tensor, config).items()}
+
+    def layer_entry(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, dict] | None:
+        decision = self.config_for(name, shape, dtype.is_floating_point)
+        if decision is None:
+            return None
+        layer, config = decision
+        if config == "cast":
+            return layer, {"kind": "cast", "dtype": str(self.float_dtype).replace("torch.", "")}
+        return layer, {"kind": "auto", **config.to_dict()}
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    plan: _TensorPlan,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Quantize a state_dict tensor by tensor; returns ``(tensors, layers metadata)``."""
+    progress = progress or Progress()
+    out: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    items = list(state_dict.items())
+    for name, tensor in progress.track(items, "quantize", total=len(items)):
+        entry = plan.layer_entry(name, tuple(tensor.shape), tensor.dtype)
+        if entry is not None:
+            layers[entry[0]] = entry[1]
+        out.update(plan.convert(name, tensor))
+    return out, layers
+
+
+def _make_plan(
+    bits: int,
+    scheme: str | None,
+    group_size: int | None,
+    dynamic: bool,
+    weight_only: bool,
+    embedding_bits: int,
+    clip_search_steps: int,
+    dtype: Any,
+    include: Any,
+    exclude: Any,
+) -> _TensorPlan:
+    from mono_quant.core.config import resolve_dtype
+
+    if bits not in (4, 8, 16):
+        raise ConfigurationError(f"bits must be 4, 8 or 16, got {bits!r}", suggestion="Use bits=4, 8 or 16.")
+    if scheme not in (None, "symmetric", "asymmetric"):
+        raise ConfigurationError(
+            f"unknown scheme {scheme!r}", suggestion="Use scheme='symmetric' or scheme='asymmetric'."
+        )
+    symmetric = (scheme or ("asymmetric" if bits == 4 else "symmetric")) == "symmetric"
+    float_dtype = None
+    if bits == 16:
+        float_dtype = resolve_dtype(dtype or "float16")[1]
+        if float_dtype is None:
+            raise ConfigurationError(
+                f"bits=16 takes dtype 'float16' or 'bfloat16', got {dtype!r}", suggestion="Pass dtype='bf16'."
+            )
+    activation = "dynamic" if (bits == 8 and dynamic and not weight_only) else "none"
+    return _TensorPlan(
+        bits, symmetric, group_size, activation, embedding_bits, clip_search_steps, float_dtype, include, exclude
+    )
+
+
+def quantize_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    bits: int = 8,
+    scheme: str | None = None,
+    group_size: int | None = 128,
+    dynamic: bool = True,
+    weight_only: bool = False,
+    embedding_bits: int = 8,
+    clip_search_steps: int = 16,
+    dtype: Any = None,
+    include: Any = None,
+    exclude: Any = None,
+    show_progress: bool = False,
+    progress_callback: ProgressCallback | None = None,
+) -> Path:
+    """Quantize a safetensors state_dict file into a mono_quant file, streaming.
+
+    The output header is computed from the input header alone, then each input tensor is
+    read (plain reads, no whole-file mapping), quantized and written before the next one is
+    touched: peak memory is about the largest single tensor, whatever the file size.
+    ``dst`` appears atomically when complete. Load the result with
+    :func:`load_quantized`.
+
+    Example:
+        >>> quantize_file("model.safetensors", "model-int4.safetensors", bits=4)  # doctest: +SKIP
+    """
+    src, dst = Path(src), Path(dst)
+    header, src_meta = read_safetensors_header(src)
+    plan = _make_plan(
+        bits, scheme, group_size, dynamic, weight_only, embedding_bits, clip_search_steps, dtype, include, exclude
+    )
+    order = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    out_entries: dict[str, dict] = {}
+    layers: dict[str, dict] = {}
+    offset = 0
+    for name in order:
+        entry = header[name]
+        dtype_in = _ST_TO_TORCH.get(entry["dtype"])
+        if dtype_in is None:
+            raise InputError(
+                f"{src.name}: tensor {name!r} has dtype {entry['dtype']}, which torch cannot load",
+                suggestion="Convert the file to standard float/int dtypes first.",
+            )
+        shape = tuple(entry["shape"])
+        layer = plan.layer_entry(name, shape, dtype_in)
+        if layer is not None:
+            layers[layer[0]] = layer[1]
+        for out_name, out_dtype, out_shape in plan.outputs(name, shape, dtype_in):
+            numel = 1
+            for d in out_shape:
+                numel *= d
+            size = numel * torch.empty((), dtype=out_dtype).element_size()
+            out_entries[out_name] = {
+                "dtype": _TORCH_TO_ST[out_dtype],
+                "shape": list(out_shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+    info = {"mode": "file", "bits": bits, "source_metadata": src_meta, "skip_reasons": plan.skipped}
+    out_header = {"__metadata__": _file_metadata(layers, info), **out_entries}
+    header_bytes = json.dumps(out_header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte alignment, as safetensors does
+
+    progress = Progress(show_progress, progress_callback)
+    fd, tmp = _atomic_target(dst)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            header_len = int.from_bytes(inp.read(8), "little")
+            data_start = 8 + header_len
+            out.write(len(header_bytes).to_bytes(8, "little"))
+            out.write(header_bytes)
+            for name in progress.track(order, "quantize", total=len(order)):
+                entry = header[name]
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=_ST_TO_TORCH[entry["dtype"]])
+                inp.seek(data_start + begin)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else None
+                if view is not None and inp.readinto(view) != end - begin:
+                    raise InputError(f"{src.name}: tensor {name!r} is truncated", suggestion="Re-export the file.")
+                for out_name, value in plan.convert(name, tensor).items():
+                    assert list(value.shape) == out_entries[out_name]["shape"], out_name
+                    data = value.contiguous().view(-1).view(torch.uint8).numpy() if value.numel() else b""
+                    out.write(memoryview(data))
+                del tensor
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
