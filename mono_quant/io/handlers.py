@@ -111,7 +111,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
             raise _corrupt(path, f"tensor {name!r} ends at byte {offsets[1]}, past the data ({data_size} bytes)")
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise _corrupt(path, f"tensors {first!r} and {second!r} overlap")
     return header, metadata
