@@ -1,6 +1,7 @@
 """Calibration data in every shape users have it, fed to a model one batch at a time.
 
-Accepted: a tensor (split along dim 0 into batches of ``batch_size``), a list or tuple of
+Accepted: a tensor or a dict of keyword-input tensors (split along dim 0 into batches of
+``batch_size``), a list or tuple of
 batches, a DataLoader or any iterable of batches. Each batch is a tensor (``model(t)``), a
 tuple/list (``model(*batch)``) or a dict (``model(**batch)``). Samples are counted along dim 0
 of the first tensor of each batch; ``max_samples`` stops the feed once reached.
@@ -61,8 +62,13 @@ def iter_calibration_batches(data: Any, max_samples: int, batch_size: int = 32) 
                 suggestion="Pass a tensor whose first dimension indexes samples.",
             )
         batches: Any = (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
-    elif isinstance(data, (dict,)):
-        batches = [data]
+    elif isinstance(data, dict):
+        # A dict of keyword inputs whose first dimension indexes samples: split like a tensor.
+        rows = _batch_size(data)
+        batches = (
+            {k: v[i : i + batch_size] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in data.items()}
+            for i in range(0, rows, batch_size)
+        )
     else:
         try:
             batches = iter(data)
@@ -94,6 +100,8 @@ def count_batches(data: Any, max_samples: int, batch_size: int = 32) -> int | No
         return -(-rows // batch_size)
     if isinstance(data, (list, tuple)):
         return len(data)
+    if isinstance(data, dict):
+        return -(-min(_batch_size(data), max_samples) // batch_size)
     return None
 
 

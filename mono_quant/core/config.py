@@ -57,7 +57,7 @@ class QuantizationConfig:
     """
 
     dtype: object = torch.qint8
-    symmetric: bool = True
+    symmetric: bool | None = None
     per_channel: bool = True
     group_size: int | None = None
     observer_type: str = "minmax"
@@ -66,6 +66,8 @@ class QuantizationConfig:
 
     def __post_init__(self) -> None:
         bits, _ = resolve_dtype(self.dtype)
+        if self.symmetric is None:  # int8 symmetric, int4 asymmetric unless asked otherwise
+            object.__setattr__(self, "symmetric", bits != 4)
         for name in ("symmetric", "per_channel", "activation_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import InputError, MonoQuantError, QuantizationError
+from mono_quant.api.exceptions import ConfigurationError, InputError, MonoQuantError, QuantizationError
 from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_batch
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
@@ -101,18 +101,38 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 # -- fp16 / bf16 casts ---------------------------------------------------------------------------
+def _first_float_dtype(value: Any) -> torch.dtype | None:
+    if isinstance(value, nn.utils.rnn.PackedSequence):
+        value = value.data
+    if isinstance(value, torch.Tensor):
+        return value.dtype if value.is_floating_point() else None
+    if isinstance(value, (tuple, list)):
+        return next((d for d in map(_first_float_dtype, value) if d is not None), None)
+    return None
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating-point tensors cast to ``dtype``, also inside tuples and lists
+    (an LSTM takes ``(h0, c0)`` and returns ``(output, (h, c))``) and packed sequences."""
+    if isinstance(value, nn.utils.rnn.PackedSequence):
+        return value.to(dtype) if value.data.is_floating_point() else value
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if type(value) in (tuple, list):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
 def _cast_input_hook(module: nn.Module, args: tuple) -> tuple:
-    dtype = module.weight.dtype
-    first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-    object.__setattr__(module, "_mono_quant_io_dtype", first.dtype if first is not None else None)
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    # Not module.weight: an LSTM's parameters are weight_ih_l0, ...
+    dtype = next(module.parameters()).dtype
+    object.__setattr__(module, "_mono_quant_io_dtype", _first_float_dtype(args))
+    return _cast_floats(args, dtype)
 
 
 def _cast_output_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     io_dtype = getattr(module, "_mono_quant_io_dtype", None)
-    if io_dtype is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
-        return output.to(io_dtype)
-    return output
+    return output if io_dtype is None else _cast_floats(output, io_dtype)
 
 
 def cast_hooks(module: nn.Module) -> None:
@@ -284,7 +304,7 @@ def _resolve(config: QuantizationConfig | None, **given: Any) -> QuantizationCon
     if config is None:
         return QuantizationConfig(**{k: v for k, v in given.items() if v is not None})
     if not isinstance(config, QuantizationConfig):
-        raise InputError(
+        raise ConfigurationError(
             f"config must be a QuantizationConfig, got {type(config).__name__}",
             suggestion="Build one with mono_quant.QuantizationConfig(dtype=..., symmetric=...).",
         )
@@ -381,7 +401,8 @@ def _calibrate(
 
         return hook
 
-    was_training = model.training
+    # Each module's own flag: a model in training mode may hold frozen (eval) parts.
+    training_flags = [(module, module.training) for module in model.modules()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     samples = 0
     try:
@@ -405,7 +426,8 @@ def _calibrate(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, flag in training_flags:
+            module.training = flag
     return observers, samples
 
 
@@ -456,7 +478,7 @@ def static_quantize(
     if cfg.observer_type not in OBSERVERS:
         create_observer(cfg.observer_type)  # raises ConfigurationError listing valid names
     if cfg.bits != 8:
-        raise InputError(
+        raise ConfigurationError(
             f"static quantization quantizes activations to int8 and needs int8 weights, got {cfg.dtype}",
             suggestion="Use dtype=torch.qint8, or dynamic_quantize for int4 / fp16 / bf16.",
         )

@@ -184,7 +184,9 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
         scale = scale.clamp_(min=_MIN_SCALE)
         zero_point = torch.full_like(scale, spec.symmetric_zero_point, dtype=torch.int32)
         return scale, zero_point
-    scale = ((max_val - min_val) / (spec.qmax - spec.qmin)).clamp_(min=_MIN_SCALE)
+    # Divide before subtracting: max - min overflows to inf for ranges past half of fp32's.
+    levels = spec.qmax - spec.qmin
+    scale = (max_val / levels - min_val / levels).clamp_(min=_MIN_SCALE)
     zero_point = torch.round(spec.qmin - min_val / scale).clamp_(spec.qmin, spec.qmax)
     return scale, zero_point.to(torch.int32)
 
