@@ -78,7 +78,8 @@ def load_hf_folder(path: str | os.PathLike, trusted: bool = False) -> nn.Module:
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if len(missing) > len(expected) // 2:
         raise InputError(
-            f"the weights do not fit the config: {len(missing)} of {len(expected)} tensors missing (e.g. {missing[:3]})",
+            f"the weights do not fit the config: {len(missing)} of {len(expected)} tensors missing "
+            f"(e.g. {missing[:3]})",
             suggestion="Upload the weights that belong to this config.json.",
         )
     return model.eval()
