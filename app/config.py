@@ -1,0 +1,84 @@
+"""Every knob of the service, read once from the environment (prefix ``MONOQUANT_``).
+
+This is the only place that reads the environment: everything else receives a
+:class:`Settings` instance (the app factory, the worker processes, the runner).
+
+Example:
+    >>> Settings(data_dir="/tmp/mq", api_keys="k1,k2").api_keys
+    ['k1', 'k2']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+_GIB = 1024**3
+
+
+class Settings(BaseSettings):
+    """Service configuration. Each field is set by ``MONOQUANT_<FIELD NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MONOQUANT_", env_file=None, extra="ignore", frozen=True)
+
+    data_dir: Path = Field(Path("data"), description="Uploads, artifacts and the SQLite database live here.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the job store. Default: SQLite file in data_dir. "
+        "PostgreSQL: postgresql+psycopg://user:pass@host/db",
+    )
+    max_upload_bytes: int = Field(8 * _GIB, gt=0, description="Largest accepted upload body (413 past it).")
+    max_form_field_bytes: int = Field(64 * 1024, gt=0, description="Largest accepted non-file form field.")
+    upload_chunk_bytes: int = Field(1024 * 1024, gt=0, description="Chunk size used when streaming files to disk.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes of the embedded queue (one job each).")
+    job_timeout_s: float = Field(3600.0, gt=0, description="A running job is stopped and failed after this long.")
+    max_attempts: int = Field(
+        2, ge=1, le=5, description="Runs a job may get when its worker dies under it (1 = never retried)."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted Bearer keys, comma separated. Empty: the server is open (development only).",
+    )
+    trusted_inputs: bool = Field(
+        False,
+        description="Accept pickled modules, TorchScript and .pt2 uploads (they can run code when loaded; "
+        "they are only ever loaded inside a worker process). Never enable for untrusted callers.",
+    )
+    queue: Literal["embedded", "celery"] = Field("embedded", description="Queue backend that runs the jobs.")
+    broker_url: str | None = Field(None, description="Broker URL of the celery queue backend (Redis).")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret ('whsec_' + base64). "
+        "Default: generated once and kept in data_dir/webhook_secret.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook delivery attempt.")
+    webhook_attempts: int = Field(3, ge=1, le=10, description="Delivery attempts per webhook.")
+    dispatch_interval_s: float = Field(0.5, gt=0, description="How often the embedded queue looks for work.")
+    max_zip_uncompressed_bytes: int = Field(
+        16 * _GIB, gt=0, description="Largest total size of a zipped model folder once extracted."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The job store URL: ``database_url`` or a SQLite file inside ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'monoquant.db').resolve()}"
+
+
+def get_settings() -> Settings:
+    """Settings read from the environment (``MONOQUANT_*``)."""
+    return Settings()
