@@ -51,16 +51,16 @@ def quantize_per_token(x2d: torch.Tensor, terms: int) -> tuple[torch.Tensor, tor
     ``x ~ scale * (q[:M] + q[M:] / 254)`` for two terms.
     """
     x = x2d.float()
-    amin, amax = torch.aminmax(x, dim=1, keepdim=True)
-    scale = torch.maximum(-amin, amax).clamp_(min=1e-12).div_(127.0)
-    scaled = x / scale
-    first = torch.round(scaled)
+    # amin + amax rather than aminmax(dim=...), which is ~15x slower on the CPU (torch 2.13)
+    amax = torch.maximum(x.amin(dim=1, keepdim=True).neg_(), x.amax(dim=1, keepdim=True)).clamp_(min=1e-12)
+    scaled = x * (127.0 / amax)  # multiply by the inverse: a broadcast divide is slower
+    scale = amax.div_(127.0)
     if terms == 1:
-        return first.to(torch.int8), scale
+        return scaled.round_().to(torch.int8), scale
     q = torch.empty((2 * x.shape[0], x.shape[1]), dtype=torch.int8, device=x.device)
+    first = torch.round(scaled)
     q[: x.shape[0]] = first
-    residual = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
-    q[x.shape[0] :] = residual
+    q[x.shape[0] :] = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
     return q, scale
 
 
