@@ -1,0 +1,44 @@
+"""Helpers for the quantized-layer tests: reference maths written independently of the kernels.
+
+Tests get them through the ``ref`` fixture (test files cannot import conftest in importlib mode).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
+
+
+def fake_quantize_per_token(x2d: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 round trip: what dynamic activation quantization computes."""
+    scale = x2d.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x2d / scale) * scale
+
+
+def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool):
+    """Per-tensor int8 round trip with fixed qparams: what static activation quantization computes."""
+    qmin = -127 if symmetric else -128
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, 127)
+    return (q - zero_point) * scale
+
+
+def rebuild(layer: QuantizedModule, float_module: nn.Module) -> QuantizedModule:
+    """The load path: config from the layer's metadata, an empty layer, load_state_dict(strict)."""
+    config = LayerQuantConfig.from_dict(layer.metadata())
+    empty = build_quantized_module(float_module, config, kind=layer.metadata()["kind"])
+    empty.load_state_dict(layer.state_dict(), strict=True)
+    return empty
+
+
+@pytest.fixture
+def ref() -> SimpleNamespace:
+    return SimpleNamespace(
+        per_token=fake_quantize_per_token,
+        static=fake_quantize_static,
+        rebuild=rebuild,
+    )
