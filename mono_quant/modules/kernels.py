@@ -124,3 +124,36 @@ def int4_grouped_linear(
     if bias is not None:
         out.add_(bias)
     return out
+
+
+def tinygemm_pack(
+    qweight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repack a group-wise int4 weight for ``torch._weight_int4pack_mm`` (CUDA "tinygemm").
+
+    ``qweight_packed [N, K // 2]`` (our layout: element 2i in the low nibble), scales and
+    integer zero points ``[N, K // g]``. tinygemm dequantizes ``(q - 8) * scale + zero`` with
+    a float zero, so ``zero = (8 - zero_point) * scale`` gives exactly our
+    ``(q - zero_point) * scale``. Returns ``(weight, scales_and_zeros [K // g, N, 2] bf16)``.
+    """
+    from mono_quant.core.schemes import unpack_int4
+
+    q = unpack_int4(qweight_packed)  # [N, K], values 0..15
+    k = q.shape[1]
+    tinygemm_order = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)  # tinygemm: high nibble first
+    inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+    weight = torch._convert_weight_to_int4pack(tinygemm_order.contiguous(), inner_k_tiles)
+    scale = weight_scale.float()
+    zero = (8.0 - weight_zero_point.float()) * scale
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=2).to(torch.bfloat16).contiguous()
+    return weight, scales_and_zeros
+
+
+def tinygemm_linear(
+    x2d: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """bf16 ``x2d [M, K]`` times a tinygemm-packed int4 weight, plus bias."""
+    out = torch._weight_int4pack_mm(x2d.to(torch.bfloat16).contiguous(), weight, group_size, scales_and_zeros)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out

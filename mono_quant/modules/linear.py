@@ -13,6 +13,8 @@ from mono_quant.modules.kernels import (
     int8_linear,
     int_mm_supported,
     quantize_per_token,
+    tinygemm_linear,
+    tinygemm_pack,
 )
 
 __all__ = ["QuantizedLinear"]
@@ -119,6 +121,10 @@ class QuantizedLinear(QuantizedModule):
         return self._forward_dequantized(x2d)
 
     def _forward_int4(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.device.type == "cuda" and x2d.dtype == torch.bfloat16:
+            packed = self._tinygemm_weight()
+            if packed is not None:
+                return tinygemm_linear(x2d, *packed, self.config.group_size, self.bias)
         if x2d.device.type != "cpu":
             return self._forward_dequantized(x2d)
         group = self.config.group_size
@@ -129,6 +135,25 @@ class QuantizedLinear(QuantizedModule):
         group_scales = self.weight_scale.t().contiguous()  # [G, N]
         terms = 1 if self.config.activation == "dynamic" else 2
         return int4_grouped_linear(x2d, weight_groups, group_scales, self.bias, terms)
+
+    def _tinygemm_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight repacked for CUDA's int4 kernel, made once per device and weight.
+
+        A derived cache, not state: it is rebuilt when the weight or its device changes, and
+        None (dequantize instead) when the shape does not fit the kernel.
+        """
+        key = (self.qweight.device, self.qweight.data_ptr(), self.weight_scale.data_ptr())
+        cached = getattr(self, "_tinygemm_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        packed = None
+        if self.out_features % 8 == 0 and self.config.group_size in (32, 64, 128, 256):
+            try:
+                packed = tinygemm_pack(self.qweight, self.weight_scale, self.weight_zero_point, self.config.group_size)
+            except (RuntimeError, StopIteration):
+                packed = None  # this torch build / shape has no tinygemm: dequantize instead
+        object.__setattr__(self, "_tinygemm_cache", (key, packed))
+        return packed
 
     def _forward_dequantized(self, x2d: torch.Tensor) -> torch.Tensor:
         compute_dtype = x2d.dtype if x2d.is_floating_point() else torch.float32
