@@ -36,12 +36,28 @@ def _export_hint() -> str:
     return "Export a state_dict to safetensors: safetensors.torch.save_file(model.state_dict(), 'model.safetensors')."
 
 
-def inspect_upload(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
+def inspect_upload(path: Path, kind: str, settings: Settings, filename: str = "upload") -> dict[str, Any]:
     """Check an uploaded file; returns ``{"format": ..., ...details}``.
 
-    ``kind`` is "model" or "dataset". Raises InputError (400: corrupt, truncated, not a
-    state_dict) or UnsupportedFormatError (415).
+    ``kind`` is "model" or "dataset"; ``filename`` is the name the caller gave the file, used
+    in messages instead of the server's storage name. Raises InputError (400: corrupt,
+    truncated, not a state_dict) or UnsupportedFormatError (415).
     """
+    try:
+        return _inspect(path, kind, settings)
+    except UnsupportedFormatError as exc:
+        if sniff_format(path) == "unknown" and filename.lower().endswith(".safetensors"):
+            # Named .safetensors but not even a readable header: a truncated or corrupt file.
+            raise InputError(
+                f"{filename} is not a valid safetensors file (too short or corrupt header)",
+                suggestion="The file may be truncated or corrupt; re-export it and upload it again.",
+            ) from None
+        raise type(exc)(exc.message.replace(path.name, filename), exc.suggestion) from None
+    except InputError as exc:
+        raise type(exc)(exc.message.replace(path.name, filename), exc.suggestion) from None
+
+
+def _inspect(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
     sniffed = sniff_format(path)
     if sniffed == "zip":
         if kind != "model":

@@ -135,8 +135,16 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
     if replayed is not None:
         return replayed
 
-    model_details = inspect_upload(model_file.path, "model", ctx.settings) if model_file else model_blob.details
-    calibration_details = inspect_upload(calibration_file.path, "dataset", ctx.settings) if calibration_file else {}
+    model_details = (
+        inspect_upload(model_file.path, "model", ctx.settings, model_file.filename)
+        if model_file
+        else model_blob.details
+    )
+    calibration_details = (
+        inspect_upload(calibration_file.path, "dataset", ctx.settings, calibration_file.filename)
+        if calibration_file
+        else {}
+    )
     model_format = model_details["format"] if model_file else model_blob.format
     if not params.dynamic and not params.weight_only and model_format not in _RUNNABLE_FORMATS:
         raise InputError(
@@ -204,7 +212,7 @@ def submit_upload(
     replayed = _replay(ctx, owner, scope, idempotency_key, request_hash)
     if replayed is not None:
         return replayed
-    details = inspect_upload(received.path, kind, ctx.settings)
+    details = inspect_upload(received.path, kind, ctx.settings, received.filename)
     blob = _store_blob(ctx, owner, kind, received, details)
     idempotency = (
         IdempotencyRow(owner=owner, scope=scope, key=idempotency_key, request_hash=request_hash, resource_id=blob.id)
