@@ -282,8 +282,10 @@ def quantize_layers(
     for name, layer in new_layers.items():
         if bits == 16:
             cast_hooks(quantized.get_submodule(name))
-        else:
+        elif name:
             _set_submodule(quantized, name, layer)
+        else:  # the model is itself one layer (a bare nn.Linear, nn.LSTM...)
+            quantized = layer
     quantized.eval()
 
     info.selected_layers = [name for name in new_layers]
