@@ -73,7 +73,9 @@ def layer_metadata(model: nn.Module) -> dict[str, dict]:
         if isinstance(module, QuantizedModule):
             layers[name] = module.metadata()
         elif any(hook is _cast_input_hook for hook in module._forward_pre_hooks.values()):
-            layers[name] = {"kind": "cast", "dtype": str(module.weight.dtype).replace("torch.", "")}
+            # Not module.weight: an LSTM's parameters are weight_ih_l0, ...
+            dtype = next(module.parameters()).dtype
+            layers[name] = {"kind": "cast", "dtype": str(dtype).replace("torch.", "")}
     return layers
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -146,9 +147,12 @@ def _torch_load_weights_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
+        # torch's first line is a generic (ANSI-coloured) hint to retry with weights_only=False,
+        # which is exactly what we refuse; name the object it found instead.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise UnsupportedFormatError(
             f"{path.name} contains pickled Python objects (for example a whole nn.Module), "
-            f"which can run code when loaded; refused ({str(exc).splitlines()[0][:200]})",
+            f"which can run code when loaded; refused" + (f" (it holds {found.group(1)})" if found else ""),
             suggestion=_EXPORT_HINT,
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:

@@ -1,0 +1,271 @@
+"""Safe loading: refused formats, corrupt files and hostile safetensors headers.
+
+Every bad file must end in an InputError (or its UnsupportedFormatError child) naming the
+problem: never a crash, a hang or an unbounded allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from mono_quant import InputError, UnsupportedFormatError, load_model
+from mono_quant.io.handlers import (
+    inspect_model_file,
+    load_state_dict_file,
+    prepare_model,
+    read_safetensors_header,
+    sniff_format,
+)
+
+from .conftest import build, inputs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _write_safetensors(path, header: dict, data: bytes = b"\0" * 64, header_len: int | None = None) -> None:
+    raw = json.dumps(header).encode()
+    length = len(raw) if header_len is None else header_len
+    path.write_bytes(struct.pack("<Q", length) + raw + data)
+
+
+# -- refused formats -----------------------------------------------------------------------------
+def test_pickled_whole_module_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(build("mlp"), path)
+    with pytest.raises(UnsupportedFormatError) as excinfo:
+        load_model(path)
+    message = excinfo.value.message
+    assert message.startswith("model.pt contains pickled Python objects")
+    assert "which can run code when loaded; refused" in message
+    assert "MLP" in message  # names what it found
+    assert "\x1b" not in str(excinfo.value)  # no terminal escape codes in messages
+    assert "weights_only=False" not in str(excinfo.value)  # never advises the unsafe load
+    assert "safetensors" in excinfo.value.suggestion and "state_dict" in excinfo.value.suggestion
+
+
+def test_torchscript_is_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(build("mlp")), str(path))
+    assert sniff_format(path) == "torchscript"
+    with pytest.raises(UnsupportedFormatError) as excinfo:
+        load_model(path)
+    assert excinfo.value.message == "scripted.pt is a TorchScript archive, which can run code when loaded; refused"
+    assert "safetensors" in excinfo.value.suggestion
+
+
+def test_torch_export_archive_is_refused(tmp_path):
+    path = tmp_path / "exported.pt2"
+    model = nn.Sequential(nn.Linear(8, 8))
+    torch.export.save(torch.export.export(model, (torch.randn(2, 8),)), str(path))
+    assert sniff_format(path) == "pt2"
+    with pytest.raises(UnsupportedFormatError, match=r"torch.export \(.pt2\) archive"):
+        load_model(path)
+
+
+def test_trusted_loads_a_pickled_module(tmp_path):
+    model = build("mlp")
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = load_state_dict_file(path, trusted=True)
+    assert isinstance(loaded, nn.Module)
+    x = inputs("mlp")
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_trusted_loads_torchscript(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(build("mlp")), str(path))
+    assert isinstance(load_state_dict_file(path, trusted=True), torch.jit.ScriptModule)
+
+
+# -- accepted formats ----------------------------------------------------------------------------
+def test_safetensors_state_dict(tmp_path):
+    state = build("mlp").state_dict()
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(state, path)
+    loaded = load_model(path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "checkpoint-dict"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_weights_only_torch_state_dict(tmp_path, suffix, wrap):
+    state = build("mlp").state_dict()
+    path = tmp_path / f"m{suffix}"
+    torch.save({"state_dict": state} if wrap else state, path)
+    loaded = load_model(path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_a_checkpoint_with_extras_is_an_input_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"fc.weight": torch.ones(2, 2), "epoch": 3}, path)
+    with pytest.raises(InputError) as excinfo:
+        load_model(path)
+    assert excinfo.value.message == "ckpt.pt: entries ['epoch'] are not name -> tensor pairs"
+    assert "state_dict" in excinfo.value.suggestion
+
+
+def test_a_file_without_a_state_dict_is_an_input_error(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(InputError, match=r"list.pt does not hold a state_dict \(found list\)"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+# -- corrupt and hostile files -------------------------------------------------------------------
+def test_truncated_safetensors(tmp_path):
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(build("mlp").state_dict(), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError) as excinfo:
+        load_model(path)
+    assert type(excinfo.value) is InputError
+    assert excinfo.value.message.startswith("m.safetensors is not a valid safetensors file: tensor")
+    assert "past the data" in excinfo.value.message
+    assert "truncated" in excinfo.value.suggestion
+
+
+def test_truncated_inside_the_header(tmp_path):
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(build("mlp").state_dict(), path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(InputError, match="exceeds the file"):
+        load_model(path)
+
+
+def _f32(begin: int, end: int, shape=(4,)) -> dict:
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+
+
+HOSTILE_HEADERS = {
+    "offsets-past-the-end": (
+        {"a": _f32(48, 64), "b": _f32(64, 80)},
+        "tensor 'b' ends at byte 80, past the data (64 bytes)",
+    ),
+    "size-not-matching-shape": ({"a": _f32(0, 1000)}, "tensor 'a': 1000 bytes for shape [4] of F32"),
+    "reversed-offsets": ({"a": _f32(16, 0)}, "tensor 'a' has invalid data_offsets [16, 0]"),
+    "negative-offset": ({"a": _f32(-16, 0)}, "tensor 'a' has invalid data_offsets [-16, 0]"),
+    "three-offsets": (
+        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8, 16]}},
+        "tensor 'a' has invalid data_offsets [0, 8, 16]",
+    ),
+    "overlap": ({"a": _f32(0, 16), "b": _f32(8, 24)}, "tensors 'a' and 'b' overlap"),
+    "unknown-dtype": (
+        {"a": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}},
+        "tensor 'a' has unknown dtype 'Q7'",
+    ),
+    "negative-shape": ({"a": _f32(0, 16, shape=(-4,))}, "tensor 'a' has an invalid shape [-4]"),
+    "huge-shape": ({"a": _f32(0, 16, shape=(2**40, 2**40))}, "tensor 'a': 16 bytes for shape"),
+    "entry-not-an-object": ({"a": [1, 2, 3]}, "entry 'a' is not an object"),
+    "metadata-not-strings": ({"__metadata__": {"layers": {"x": 1}}}, "__metadata__ must map strings to strings"),
+}
+
+
+@pytest.mark.parametrize(("header", "problem"), list(HOSTILE_HEADERS.values()), ids=list(HOSTILE_HEADERS))
+def test_hostile_safetensors_headers(tmp_path, header, problem):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors(path, header)
+    for load in (load_model, read_safetensors_header, inspect_model_file):
+        with pytest.raises(InputError) as excinfo:
+            load(path)
+        assert type(excinfo.value) is InputError
+        assert excinfo.value.message.startswith(f"bad.safetensors is not a valid safetensors file: {problem}")
+        assert "re-export" in excinfo.value.suggestion.lower()
+
+
+def test_header_length_beyond_the_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors(path, {}, header_len=2**63)
+    with pytest.raises(InputError, match=r"header length 9223372036854775808 exceeds the file"):
+        load_model(path)
+
+
+def test_header_that_is_not_an_object(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors(path, [1, 2])
+    with pytest.raises(InputError, match="header is not a JSON object"):
+        read_safetensors_header(path)
+    with pytest.raises(UnsupportedFormatError, match="unrecognised model file format"):
+        load_model(path)  # not even sniffed as safetensors
+
+
+def test_header_that_is_not_json(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", 12) + b"{not json!!}" + b"\0" * 8)
+    with pytest.raises(InputError, match="header is not JSON"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".bin"])
+@pytest.mark.parametrize("size", [0, 3, 4096])
+def test_random_bytes(tmp_path, suffix, size):
+    path = tmp_path / f"random{suffix}"
+    path.write_bytes(os.urandom(size).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
+    with pytest.raises(InputError) as excinfo:
+        load_model(path)
+    assert excinfo.value.message == f"random{suffix}: unrecognised model file format"
+    assert ".safetensors" in excinfo.value.suggestion
+
+
+def test_corrupt_torch_archive_is_an_input_error(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(build("mlp").state_dict(), path)
+    raw = bytearray(path.read_bytes())
+    path.write_bytes(bytes(raw[: len(raw) - 200]))  # the zip directory at the end is lost
+    with pytest.raises(InputError):
+        load_model(path)
+
+
+def test_a_pickle_stream_with_code_is_refused(tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    import pickle
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"w": RunsCode()}, protocol=2))
+    with pytest.raises(InputError):
+        load_model(path)
+
+
+# -- prepare_model -------------------------------------------------------------------------------
+def test_prepare_model_passes_modules_through_and_copies_state_dicts(tmp_path):
+    model = build("mlp")
+    assert prepare_model(model) is model
+    state = model.state_dict()
+    copy = prepare_model(state)
+    assert copy == state and copy is not state
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(state, path)
+    assert prepare_model(str(path)).keys() == state.keys()
+
+
+def test_inspect_model_file(tmp_path):
+    state = build("mlp").state_dict()
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(state, path, metadata={"note": "x"})
+    summary = inspect_model_file(path)
+    assert summary["format"] == "safetensors"
+    assert summary["tensors"] == len(state)
+    assert summary["parameters"] == sum(t.numel() for t in state.values())
+    assert summary["dtypes"] == ["F32"]
+    assert summary["metadata"] == {"note": "x"}
+    assert summary["size_bytes"] == path.stat().st_size
