@@ -7,6 +7,8 @@ The library never imports the service package: ``serve`` hands uvicorn an import
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import click
 
@@ -33,3 +35,71 @@ def serve(host: str, port: int, reload: bool) -> None:
     uvicorn = _load("uvicorn")
     _load("app.main")
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, reload=reload)
+
+
+@cli.command()
+@click.argument("model_path", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--server", default="http://127.0.0.1:8000", show_default=True, help="Base URL of the service.")
+@click.option("--api-key", envvar="MONOQUANT_API_KEY", help="Bearer key (or MONOQUANT_API_KEY).")
+@click.option("--model-id", help="A model uploaded before (POST /v1/models) instead of MODEL_PATH.")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration tensors file.")
+@click.option("--dataset-id", help="Calibration data uploaded before (POST /v1/datasets).")
+@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default=None)
+@click.option("--dynamic/--static", default=True, show_default=True)
+@click.option("--weight-only", is_flag=True)
+@click.option("--group-size", type=int, default=None)
+@click.option("--observer", type=click.Choice(["minmax", "moving_average", "histogram"]), default=None)
+@click.option("--include", multiple=True)
+@click.option("--exclude", multiple=True)
+@click.option("--wait/--no-wait", default=False, help="Wait for the job (progress bar) and download the result.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where --wait saves model.safetensors.")
+@click.option("--timeout", type=float, default=None, help="Seconds --wait waits at most.")
+def submit(
+    model_path,
+    server,
+    api_key,
+    model_id,
+    calibration,
+    dataset_id,
+    bits,
+    scheme,
+    dynamic,
+    weight_only,
+    group_size,
+    observer,
+    include,
+    exclude,
+    wait,
+    output,
+    timeout,
+):
+    """Run a quantization job on a remote mono_quant service."""
+    client_module = _load("app.client")
+    if (model_path is None) == (model_id is None):
+        raise InputError("give either MODEL_PATH or --model-id", suggestion="monoquant submit model.safetensors ...")
+    params = {
+        "bits": int(bits),
+        "dynamic": dynamic,
+        "scheme": scheme,
+        "weight_only": weight_only or None,
+        "group_size": group_size,
+        "observer_type": observer,
+        "include": [p for p in include] or None,
+        "exclude": [p for p in exclude] or None,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    try:
+        with client_module.MonoQuantClient(server, api_key=api_key) as client:
+            job = client.submit(model_path, model_id=model_id, calibration=calibration, dataset_id=dataset_id, **params)
+            click.echo(f"job {job['id']} {job['status']}")
+            if not wait:
+                return
+            job = client.wait(job["id"], timeout=timeout, progress=True)
+            target = client.download(job["id"], "model.safetensors", output or Path(f"{job['id']}.safetensors"))
+            click.echo(f"job {job['id']} {job['status']}; wrote {target}")
+    except client_module.ApiError as exc:
+        click.secho(f"Error ({exc.status or 'connection'}): {exc.detail}", fg="red", err=True)
+        if exc.suggestion:
+            click.echo(f"Suggestion: {exc.suggestion}", err=True)
+        sys.exit(2 if 400 <= (exc.status or 0) < 500 else 1)
