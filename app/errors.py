@@ -166,7 +166,7 @@ async def _request_validation_error(request: Request, exc: RequestValidationErro
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    names = {404: "NotFound", 405: "MethodNotAllowed", 401: "AuthenticationError", 413: "InputTooLargeError"}
+    names = {404: "NotFoundError", 405: "MethodNotAllowed", 401: "AuthenticationError", 413: "InputTooLargeError"}
     return problem_response(
         request,
         exc.status_code,
