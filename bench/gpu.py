@@ -115,6 +115,7 @@ def bench_quantize(layers: int, rounds: int, try_compile: bool) -> None:
         "ours_int4_g128": over_all(ours_int4),
     }
     compile_s: dict[str, float] = {}
+    checks: dict[str, dict[str, float]] = {}
     errors: dict[str, BaseException] = {}
     if try_compile:
         for name, fn in (("plain_int8", plain_int8), ("ours_int8", ours_int8), ("ours_int4_g128", ours_int4)):
@@ -125,7 +126,7 @@ def bench_quantize(layers: int, rounds: int, try_compile: bool) -> None:
                     compiled(torch.randn(shape, dtype=torch.bfloat16, device="cuda"))
                 torch.cuda.synchronize()
                 compile_s[f"{name}_compiled"] = time.perf_counter() - start
-                check_compiled(fn, compiled, weights[0])
+                checks[f"{name}_compiled"] = check_compiled(fn, compiled, weights[0])
                 cases[f"{name}_compiled"] = over_all(compiled)
             except Exception as exc:  # noqa: BLE001 - torch.compile fails in many ways; report it
                 errors[f"{name}_compiled"] = exc
@@ -161,6 +162,7 @@ def bench_quantize(layers: int, rounds: int, try_compile: bool) -> None:
         }
         if name in compile_s:
             fields["compile_s"] = compile_s[name]
+            fields["vs_eager"] = checks.get(name)
         if name == "copy":
             fields["read_write_tb_per_s"] = 2 * bf16_bytes / seconds / 1e12
         emit(BENCH, f"quantize_{name}", **fields)
@@ -168,15 +170,30 @@ def bench_quantize(layers: int, rounds: int, try_compile: bool) -> None:
         emit_error(BENCH, f"quantize_{name}", exc, layers=layers)
 
 
-def check_compiled(eager: Callable, compiled: Callable, w: torch.Tensor) -> None:
-    """The compiled function must give the eager result (a quiet miscompile would flatter it)."""
+def check_compiled(eager: Callable, compiled: Callable, w: torch.Tensor) -> dict[str, float]:
+    """Compare the compiled result with eager (a quiet miscompile would flatter the timing).
+
+    Fused kernels may round a scale in the last bit (or divide where eager multiplies by the
+    inverse), which flips values sitting on a rounding boundary by one step: int4 has few
+    levels, so about 0.3% of them differ on H100. Allowed: up to 1% of elements, by at most
+    one step, scales within 1e-5 (reported in ``vs_eager``); anything more raises.
+    """
+    from mono_quant.core.schemes import unpack_int4
+
+    worst = {"mismatch_frac": 0.0, "max_abs_diff": 0, "scale_max_rel_diff": 0.0}
     for got, want in zip(compiled(w), eager(w), strict=True):
         if got.dtype.is_floating_point:
-            ok = torch.allclose(got.float(), want.float(), rtol=1e-5, atol=0)
-        else:
-            ok = (got.int() - want.int()).abs().max().item() <= 1
-        if not ok:
-            raise RuntimeError("torch.compile result differs from eager")
+            rel = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-30)).max().item()
+            worst["scale_max_rel_diff"] = max(worst["scale_max_rel_diff"], rel)
+            continue
+        if got.dtype == torch.uint8 and got.shape[-1] * 2 == w.shape[-1]:  # packed int4
+            got, want = unpack_int4(got), unpack_int4(want)
+        diff = (got.int() - want.int()).abs()
+        worst["mismatch_frac"] = max(worst["mismatch_frac"], (diff > 0).float().mean().item())
+        worst["max_abs_diff"] = max(worst["max_abs_diff"], int(diff.max().item()))
+    if worst["mismatch_frac"] > 1e-2 or worst["max_abs_diff"] > 1 or worst["scale_max_rel_diff"] > 1e-5:
+        raise RuntimeError(f"torch.compile result differs from eager: {worst}")
+    return worst
 
 
 # -- matmuls ------------------------------------------------------------------------------------
@@ -289,6 +306,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
+    parser.add_argument("--only", choices=("quantize", "matmul"), default=None, help="run one part")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         emit(BENCH, "all", skipped="CUDA is not available", torch=torch.__version__)
@@ -311,15 +329,17 @@ def main() -> None:
         layers=layers,
         rounds=rounds,
     )
-    try:
-        bench_quantize(layers, rounds, try_compile=not args.no_compile)
-    except Exception as exc:  # noqa: BLE001
-        emit_error(BENCH, "quantize", exc, layers=layers)
-    torch.cuda.empty_cache()
-    try:
-        bench_matmul(rounds, args.quick)
-    except Exception as exc:  # noqa: BLE001
-        emit_error(BENCH, "matmul", exc)
+    if args.only in (None, "quantize"):
+        try:
+            bench_quantize(layers, rounds, try_compile=not args.no_compile)
+        except Exception as exc:  # noqa: BLE001
+            emit_error(BENCH, "quantize", exc, layers=layers)
+        torch.cuda.empty_cache()
+    if args.only in (None, "matmul"):
+        try:
+            bench_matmul(rounds, args.quick)
+        except Exception as exc:  # noqa: BLE001
+            emit_error(BENCH, "matmul", exc)
 
 
 if __name__ == "__main__":
