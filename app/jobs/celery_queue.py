@@ -352,7 +352,9 @@ def sweep_orphans(settings: Settings, publish: Any) -> list[str]:
     client = _redis(settings.broker_url)
     requeued = []
     for job in store.running_jobs():
-        if client.exists(_lease_key(job.id)):
+        # A job this very process runs is not orphaned, even if a long stall (GIL, swap) let
+        # its lease lapse; neither is one whose worker still refreshes its lease.
+        if job.worker == _worker_id() or client.exists(_lease_key(job.id)):
             continue
         lease = _Lease(settings, job.id)
         if not lease.acquire():
