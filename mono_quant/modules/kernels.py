@@ -11,8 +11,9 @@ path runs on ``_int_mm``:
 * weight-only:  activations split per token into two int8 terms, ``x ~ s (a + b / 254)``,
                 stacked into one ``_int_mm`` call; the activation is then represented to
                 about 1/64000 of its row maximum, so the only error left is the weights'.
-* int4 groups:  one ``_int_mm`` per group of ``group_size`` input features, each group's
-                partial result scaled by that group's weight scales and accumulated.
+* int4 groups:  two ``_int_mm`` per group of ``group_size`` input features (even and odd
+                features, read straight from the packed bytes), each group's partial result
+                scaled by that group's weight scales and accumulated.
 
 On CUDA, weight-only layers dequantize to the activation dtype and use the tensor-core matmul
 (memory-bound weights are still read as int8/int4), and int8 x int8 uses ``_int_mm`` where its
@@ -100,26 +101,45 @@ def int8_linear(
 
 def int4_grouped_linear(
     x2d: torch.Tensor,
-    weight_groups: torch.Tensor,
+    qweight_packed: torch.Tensor,
     group_scales: torch.Tensor,
+    group_zero_points: torch.Tensor,
+    group_size: int,
     bias: torch.Tensor | None,
     terms: int = 2,
 ) -> torch.Tensor:
-    """Group-wise int4 weight matmul on ``_int_mm``.
+    """Group-wise int4 weight matmul on ``_int_mm``, straight from the packed weight.
 
-    ``weight_groups [G, g, N]`` int8 holds ``q - zero_point`` (values in [-15, 15]) for each
-    group of ``g`` input features; ``group_scales [G, N]``. Activations use ``terms``-term
-    per-token int8 (two by default: int4 is weight-only, the activations stay near-exact).
+    ``qweight_packed [N, K // 2]`` holds input feature ``2j`` in the low nibble of byte ``j``
+    and ``2j + 1`` in the high one, so ``packed & 15`` and ``packed >> 4`` are the weights of
+    the even and odd input features: multiplying them by the even and odd activation columns
+    needs no unpacking or interleaving of the weight. Per group (``g`` input features):
+
+        y[m, n] = a[m] * (sum_g s[n, g] * acc_g[m, n]  -  sum_g xs[m, g] * s[n, g] * z[n, g])
+
+    with ``acc_g`` the integer product of the group and ``xs`` the group sums of the
+    quantized activations; the zero-point term is one small ``[M, G] x [G, N]`` matmul.
+    ``group_scales`` / ``group_zero_points`` are ``[N, G]``.
     """
-    rows = x2d.shape[0]
-    groups, group_size, _ = weight_groups.shape
+    rows, in_features = x2d.shape
+    out_features = qweight_packed.shape[0]
+    groups = in_features // group_size
+    half = group_size // 2
     q, act_scale = quantize_per_token(x2d, terms)
-    q_groups = q.view(q.shape[0], groups, group_size).transpose(0, 1).contiguous()
-    out = None
+    stacked = q.shape[0]
+    q_groups = q.view(stacked, groups, half, 2).permute(3, 1, 0, 2).contiguous()  # [2, G, R, g/2]
+    low = (qweight_packed & 0x0F).view(torch.int8)
+    high = (qweight_packed >> 4).view(torch.int8)
+    scales_t = group_scales.t().contiguous()  # [G, N]
+    out = torch.zeros((rows, out_features), dtype=torch.float32, device=x2d.device)
     for g in range(groups):
-        partial = _combine_terms(torch._int_mm(q_groups[g], weight_groups[g]), rows, terms)
-        partial.mul_(group_scales[g])
-        out = partial if out is None else out.add_(partial)
+        cols = slice(g * half, (g + 1) * half)
+        acc = torch._int_mm(q_groups[0, g], low[:, cols].t())
+        acc += torch._int_mm(q_groups[1, g], high[:, cols].t())
+        out.addcmul_(_combine_terms(acc, rows, terms), scales_t[g])
+    group_sums = q.view(stacked, groups, group_size).sum(dim=2, dtype=torch.int32)
+    group_sums = _combine_terms(group_sums, rows, terms)  # [M, G]
+    out.sub_(group_sums @ (group_scales * group_zero_points.float()).t())
     out.mul_(act_scale)
     if bias is not None:
         out.add_(bias)

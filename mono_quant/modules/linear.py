@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec, unpack_int4
+from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
     int4_grouped_linear,
@@ -127,14 +127,10 @@ class QuantizedLinear(QuantizedModule):
                 return tinygemm_linear(x2d, *packed, self.config.group_size, self.bias)
         if x2d.device.type != "cpu":
             return self._forward_dequantized(x2d)
-        group = self.config.group_size
-        groups = self.in_features // group
-        q = unpack_int4(self.qweight).view(self.out_features, groups, group)
-        centred = q.to(torch.int8) - self.weight_zero_point.to(torch.int8).unsqueeze(2)
-        weight_groups = centred.permute(1, 2, 0).contiguous()  # [G, g, N]
-        group_scales = self.weight_scale.t().contiguous()  # [G, N]
         terms = 1 if self.config.activation == "dynamic" else 2
-        return int4_grouped_linear(x2d, weight_groups, group_scales, self.bias, terms)
+        return int4_grouped_linear(
+            x2d, self.qweight, self.weight_scale, self.weight_zero_point, self.config.group_size, self.bias, terms
+        )
 
     def _tinygemm_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weight repacked for CUDA's int4 kernel, made once per device and weight.
