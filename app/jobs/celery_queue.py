@@ -40,9 +40,11 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import uuid
 from functools import lru_cache
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -57,6 +59,7 @@ __all__ = [
     "TASK_NAME",
     "QUEUE_NAME",
     "WORKER_COMMAND",
+    "WORKER_ALIVE_FILE",
     "CeleryQueue",
     "create_celery_app",
     "time_limits",
@@ -83,6 +86,9 @@ WORKER_COMMAND = (
     "INFO",
 )
 
+# Touched every _SWEEP_S by a worker's sweep thread, which runs even while a job keeps the solo
+# pool's main thread busy (so `celery inspect ping` would time out): the container healthcheck.
+WORKER_ALIVE_FILE = Path(tempfile.gettempdir()) / "monoquant-worker.alive"
 _LEASE_TTL_S = 20.0  # a worker silent this long is dead: its job may be taken over
 _HEARTBEAT_S = 5.0
 _SWEEP_S = 10.0
@@ -387,9 +393,11 @@ class _RecoveryStep(bootsteps.StartStopStep):
             worker.app.send_task(TASK_NAME, args=[job_id], task_id=job_id, queue=QUEUE_NAME)
 
         def loop() -> None:
+            WORKER_ALIVE_FILE.touch()
             while not self._stop.wait(_SWEEP_S):
                 try:
                     sweep_orphans(settings, publish)
+                    WORKER_ALIVE_FILE.touch()
                 except Exception:  # a store or broker hiccup: sweep again next time
                     logger.warning("orphan sweep failed", exc_info=True)
 
