@@ -113,6 +113,7 @@ class EmbeddedQueue:
 
     # -- QueueBackend -----------------------------------------------------------------------------
     def start(self) -> None:
+        self._stopping.clear()  # start after stop (an app restarted in the same process)
         self._sweep(startup=True)
         self._thread = threading.Thread(target=self._supervise, daemon=True, name="monoquant-supervisor")
         self._thread.start()

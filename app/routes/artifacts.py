@@ -51,7 +51,7 @@ def list_artifacts(job_id: str, ctx: Ctx, owner: Owner) -> list[Artifact]:
         206: {"description": "The requested byte range."},
         304: {"description": "Not modified (If-None-Match matched the ETag)."},
         416: {"description": "Range not satisfiable."},
-        **problem_responses(400, 401, 404, 409),
+        **problem_responses(400, 401, 404, 409, 422),
     },
 )
 def download_artifact(

@@ -172,7 +172,7 @@ def _event_model(row) -> JobEvent:
     summary="A job's events (JSON, or Server-Sent Events with Accept: text/event-stream)",
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "Events."},
-        **problem_responses(401, 404),
+        **problem_responses(401, 404, 422),
     },
 )
 async def job_events(

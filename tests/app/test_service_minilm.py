@@ -47,7 +47,7 @@ def _cosine_after_download(client: MonoQuantClient, job_id: str, tmp_path, minil
 )
 def test_minilm_safetensors_end_to_end(client, minilm, tmp_path, params, floor):
     job = client.submit(minilm_dir() / "model.safetensors", **params)
-    assert job["status"] == "queued"
+    assert job["status"] in ("queued", "running")
     job = client.wait(job["id"], timeout=300)
     assert job["metrics"]["bits"] == params["bits"]
     assert job["metrics"]["selected_layers"] > 30
