@@ -27,9 +27,9 @@ from app.jobs.celery_queue import WORKER_COMMAND
 REPO = Path(__file__).resolve().parents[2]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-# Short enough that the broker's redelivery (visibility timeout = 40 s here) happens within the
+# Short enough that the broker's redelivery (visibility timeout = 45 s here) happens within the
 # test; long enough for the slowest job on a busy 2-core machine.
-JOB_TIMEOUT_S = 25
+JOB_TIMEOUT_S = 30
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -114,7 +114,7 @@ def _wait_running(client: MonoQuantClient, job_id: str, timeout: float = 60) -> 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path]]:
     root = tmp_path_factory.mktemp("models")
-    specs = {"small": (64, 2, 1), "medium": (128, 3, 2), "slow": (1024, 8, 3)}
+    specs = {"small": (64, 2, 1), "medium": (128, 3, 2), "slow": (1024, 6, 3)}
     built = {}
     for name, (width, depth, seed) in specs.items():
         model = _mlp(width, depth, seed)
