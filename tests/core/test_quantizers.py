@@ -316,7 +316,7 @@ def test_input_scale_follows_the_observed_range(mlp):
     assert symmetric[0].input_zero_point.item() == 0
 
 
-def test_layer_without_calibration_data_falls_back_to_weight_only(two_input_model):
+def test_layer_without_calibration_data_falls_back_to_weight_only():
     model = nn.ModuleDict({"used": nn.Linear(8, 8), "unused": nn.Linear(8, 8)})
     model.forward = lambda x: model["used"](x)  # type: ignore[method-assign]
     quantized, info = static_quantize(model, torch.randn(8, 8))
