@@ -155,7 +155,7 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"which can run code when loaded; refused" + (f" (it holds {found.group(1)})" if found else ""),
             suggestion=_EXPORT_HINT,
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # damaged bytes fail in many ways (struct.error, EOFError, KeyError...)
         raise InputError(
             f"{path.name} could not be read as a PyTorch checkpoint: {str(exc).splitlines()[0][:200]}",
             suggestion="The file may be truncated or corrupt; re-export it, preferably as safetensors.",

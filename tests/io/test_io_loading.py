@@ -233,6 +233,31 @@ def test_corrupt_torch_archive_is_an_input_error(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("data", [b"\x80\x04junk", b"\x80\x02}q\x00(X"], ids=["junk", "cut-off"])
+def test_damaged_legacy_pickle_is_an_input_error(tmp_path, data):
+    path = tmp_path / "m.pt"
+    path.write_bytes(data)
+    with pytest.raises(InputError) as excinfo:
+        load_model(path)
+    assert excinfo.value.message.startswith("m.pt could not be read as a PyTorch checkpoint")
+    assert "truncated or corrupt" in excinfo.value.suggestion
+
+
+def test_metadata_of_refused_or_corrupt_pt_files(tmp_path):
+    from mono_quant import load_quantized, read_metadata
+
+    whole = tmp_path / "whole.pt"
+    torch.save(build("mlp"), whole)
+    with pytest.raises(UnsupportedFormatError, match="contains pickled Python objects"):
+        read_metadata(whole)
+    with pytest.raises(UnsupportedFormatError, match="contains pickled Python objects"):
+        load_quantized(whole, build("mlp"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x04junk")
+    with pytest.raises(InputError, match="could not be read as a PyTorch checkpoint"):
+        read_metadata(junk)
+
+
 def test_a_pickle_stream_with_code_is_refused(tmp_path):
     class RunsCode:
         def __reduce__(self):
