@@ -43,6 +43,10 @@ QUANTIZE_OPTIONS = {
 }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_arguments(bits: Any, scheme: Any, dynamic: Any, kwargs: dict[str, Any]) -> None:
     if isinstance(bits, bool) or bits not in VALID_BITS:
         raise ConfigurationError(
@@ -65,6 +69,25 @@ def _check_arguments(bits: Any, scheme: Any, dynamic: Any, kwargs: dict[str, Any
         raise ConfigurationError(
             f"unknown option(s): {', '.join(hints)}",
             suggestion="Valid options: " + ", ".join(sorted(QUANTIZE_OPTIONS)) + ".",
+        )
+    # Checked here, not only in the quantizers: the state_dict / file path has no
+    # QuantizationConfig, and would otherwise skip every layer or silently use 128.
+    group_size = kwargs.get("group_size")
+    if group_size is not None and (not _is_int(group_size) or group_size < 2 or group_size & (group_size - 1)):
+        raise ConfigurationError(
+            f"group_size must be a power of two >= 2, got {group_size!r}",
+            suggestion="Use group_size=32, 64 or 128 (128 is the default).",
+        )
+    if not _is_int(kwargs.get("embedding_bits", 8)) or kwargs.get("embedding_bits", 8) not in (4, 8):
+        raise ConfigurationError(
+            f"embedding_bits must be 4 or 8, got {kwargs['embedding_bits']!r}",
+            suggestion="Use embedding_bits=8 (default) or embedding_bits=4.",
+        )
+    steps = kwargs.get("clip_search_steps", 16)
+    if not _is_int(steps) or steps < 0:
+        raise ConfigurationError(
+            f"clip_search_steps must be a non-negative integer, got {steps!r}",
+            suggestion="Use clip_search_steps=16 (default), or 0 for plain min/max ranges.",
         )
     if kwargs.get("activation_scheme", "asymmetric") not in VALID_SCHEMES:
         raise ConfigurationError(
@@ -195,6 +218,8 @@ def _quantize_module(model, bits, dynamic, scheme, calibration_data, show_progre
 def _quantize_state_dict(state_dict, bits, dynamic, scheme, show_progress, kwargs) -> QuantizationResult:
     started = time.perf_counter()
     unsupported = [k for k in ("layer_types", "min_params", "observer_type") if k in kwargs]
+    if kwargs.get("per_channel", True) is not True:  # tensors are always quantized per channel here
+        unsupported.append("per_channel")
     plan = _make_plan(
         bits,
         scheme,

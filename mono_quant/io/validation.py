@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError, ValidationError
+from mono_quant.api.exceptions import ConfigurationError, InputError, ValidationError
 from mono_quant.core.calibration import run_batch
 from mono_quant.core.quantizers import model_size_bytes
 from mono_quant.core.schemes import dequantize_weight, sqnr
@@ -184,8 +184,20 @@ def validate_quantization(
             f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}",
             suggestion="Use on_failure='error' to raise, 'warn' to warn, 'ignore' to only record.",
         )
-    res = ValidationResult()
     is_module = isinstance(quantized, nn.Module)
+    if is_module and not isinstance(original, nn.Module):
+        raise InputError(
+            f"the quantized model is an nn.Module, so the original must be one too, got {type(original).__name__}",
+            suggestion="Pass the float nn.Module that was quantized (result.validate() does this for you).",
+        )
+    if not is_module and not isinstance(quantized, Mapping):
+        raise InputError(
+            f"cannot validate an object of type {type(quantized).__name__}",
+            suggestion="Pass result.model from mono_quant.quantize() (an nn.Module or a state_dict).",
+        )
+    if not is_module and isinstance(original, nn.Module):
+        original = original.state_dict()  # a state_dict result is compared tensor by tensor
+    res = ValidationResult()
     if is_module:
         layers = layers or {}
         res.layer_sqnr_db = _layer_sqnrs_module(original, quantized)

@@ -197,6 +197,28 @@ def test_unknown_option_without_close_match_still_lists_valid_ones(mlp):
         assert option in excinfo.value.suggestion
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("group_size", 3, "group_size must be a power of two >= 2, got 3"),
+        ("group_size", 0, "group_size must be a power of two >= 2, got 0"),
+        ("group_size", -4, "group_size must be a power of two >= 2, got -4"),
+        ("group_size", "128", "group_size must be a power of two >= 2, got '128'"),
+        ("embedding_bits", 16, "embedding_bits must be 4 or 8, got 16"),
+        ("embedding_bits", 5, "embedding_bits must be 4 or 8, got 5"),
+        ("clip_search_steps", -1, "clip_search_steps must be a non-negative integer, got -1"),
+    ],
+    ids=["group-3", "group-0", "group-negative", "group-str", "embedding-16", "embedding-5", "clip-negative"],
+)
+@pytest.mark.parametrize("source", ["module", "state_dict"])
+def test_invalid_option_values_raise_for_modules_and_state_dicts(mlp, source, option, value, message):
+    model = mlp if source == "module" else mlp.state_dict()
+    with pytest.raises(ConfigurationError) as excinfo:
+        quantize(model, bits=4, **{option: value})
+    assert excinfo.value.message == message
+    assert excinfo.value.suggestion
+
+
 def test_invalid_activation_scheme(mlp, calibration):
     with pytest.raises(ConfigurationError, match="activation_scheme='centered' is not supported"):
         quantize(mlp, calibration_data=calibration, activation_scheme="centered")
@@ -258,6 +280,12 @@ def test_state_dict_input(mlp, kwargs, mode, qdtype):
 def test_state_dict_warns_about_options_that_need_modules(mlp):
     result = quantize(mlp.state_dict(), bits=8, dynamic=True, layer_types=["linear"])
     assert any("layer_types" in w for w in result.warnings)
+
+
+def test_state_dict_warns_that_per_tensor_is_not_applied(mlp):
+    assert not quantize(mlp.state_dict(), bits=8, dynamic=True, per_channel=True).warnings
+    result = quantize(mlp.state_dict(), bits=8, dynamic=True, per_channel=False)
+    assert result.warnings == ["options ['per_channel'] need module types and were not applied to a state_dict"]
 
 
 def test_state_dict_without_weights_warns():

@@ -8,7 +8,14 @@ import warnings
 import pytest
 import torch
 
-from mono_quant import ConfigurationError, ValidationError, ValidationResult, quantize, validate_quantization
+from mono_quant import (
+    ConfigurationError,
+    InputError,
+    ValidationError,
+    ValidationResult,
+    quantize,
+    validate_quantization,
+)
 from mono_quant.core.quantizers import model_size_bytes
 
 from .conftest import build, inputs
@@ -162,3 +169,24 @@ def test_lossless_layers_give_infinite_sqnr_without_failing():
     result = quantize(model, bits=8, dynamic=True).validate()
     assert result.passed
     assert result.layer_sqnr_db["0"] == math.inf
+
+
+def test_a_module_result_needs_a_module_original(int8_result):
+    with pytest.raises(InputError) as excinfo:
+        validate_quantization(build("mlp").state_dict(), int8_result.model)
+    assert excinfo.value.message == (
+        "the quantized model is an nn.Module, so the original must be one too, got OrderedDict"
+    )
+    assert "nn.Module" in excinfo.value.suggestion
+
+
+def test_a_state_dict_result_accepts_a_module_original():
+    result = quantize(build("mlp").state_dict(), bits=8, dynamic=True)
+    validation = validate_quantization(build("mlp"), result.model, layers=result.layers)
+    assert validation.passed
+    assert set(validation.layer_sqnr_db) == {"fc1", "fc2", "head"}
+
+
+def test_validating_something_else_is_an_input_error():
+    with pytest.raises(InputError, match="cannot validate an object of type list"):
+        validate_quantization(build("mlp"), [1, 2, 3])
