@@ -192,7 +192,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Put the quantized layers saved in ``path`` into ``model``, a float skeleton of the
-    same architecture (its weights may be random: they are replaced). Returns ``model``.
+    same architecture (its weights may be random: they are replaced). Returns ``model``, or
+    the quantized layer itself when the saved model was a single layer.
 
     Example:
         >>> skeleton = MyModel()  # doctest: +SKIP
@@ -225,7 +226,18 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             continue
         kind = config.get("kind")
         layer = build_quantized_module(module, LayerQuantConfig.from_dict(config), None if kind == "auto" else kind)
-        _set_submodule(model, name, layer)
+        if name:
+            _set_submodule(model, name, layer)
+        else:  # the whole model is one layer: the quantized layer replaces it
+            model = layer
+    # Buffers a model does not persist (e.g. transformers' position_ids) may still be in
+    # checkpoints written by older versions: they are derived data, not weights.
+    non_persistent = {
+        f"{prefix}.{buffer}" if prefix else buffer
+        for prefix, module in model.named_modules()
+        for buffer in module._non_persistent_buffers_set
+    }
+    state_dict = {k: v for k, v in state_dict.items() if k not in non_persistent}
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InputError(
