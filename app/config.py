@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     max_zip_uncompressed_bytes: int = Field(
         16 * _GIB, gt=0, description="Largest total size of a zipped model folder once extracted."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where workers quantize: 'cuda' (a GPU worker), 'cpu', or 'auto' (CUDA when available). "
+        "A GPU worker needs a CUDA build of torch.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
 
     @field_validator("api_keys", mode="before")

@@ -37,6 +37,10 @@ class ServiceContext:
 
     def start(self) -> None:
         self.storage.ensure()
+        # A partial write older than the longest job belongs to a process that died.
+        removed = self.storage.sweep_temp(older_than_s=2 * self.settings.job_timeout_s)
+        if removed:
+            logger.info("removed %d partial writes left by an earlier run", removed)
         self.store.create_all()
         if not self.settings.api_keys:
             logger.warning(

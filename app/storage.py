@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,6 +127,23 @@ class Storage:
         """Create the directories (idempotent)."""
         for directory in (self.tmp_dir, self.blob_dir, self.artifact_dir, self.work_dir):
             directory.mkdir(parents=True, exist_ok=True)
+
+    def sweep_temp(self, older_than_s: float) -> int:
+        """Remove partial writes left by processes that died mid-write; returns how many.
+
+        Only files older than ``older_than_s`` go: another process sharing the directory may
+        be writing a younger one right now.
+        """
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.tmp_dir.glob("*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def writable(self) -> bool:
         """True when a file can be created and removed in ``tmp/`` (readiness probe)."""

@@ -78,6 +78,20 @@ class _Reporter:
             raise JobCancelled(self.job_id)
 
 
+def _device(settings: Settings) -> str:
+    """The device this worker quantizes on (``Settings.device``; "auto" picks CUDA if present)."""
+    import torch
+
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise QuantizationError(
+            "this worker is configured for CUDA (MONOQUANT_DEVICE=cuda) but sees no GPU",
+            suggestion="Fix the worker's GPU setup (driver, CUDA build of torch, CUDA_VISIBLE_DEVICES).",
+        )
+    return settings.device
+
+
 def _load_model(job: JobRow, store: JobStore, storage: Storage, work_dir: Path) -> tuple[Any, bool]:
     """``(model for quantize(), trusted)`` from the job's uploaded model."""
     blob = store.get_blob(job.model_blob_id, job.owner) if job.model_blob_id else None
@@ -117,7 +131,9 @@ def _validation_sample(calibration: Any) -> Any:
     return calibration[:_VALIDATION_ROWS]
 
 
-def _execute(job: JobRow, store: JobStore, storage: Storage, reporter: _Reporter) -> tuple[dict, list[ArtifactRow]]:
+def _execute(
+    job: JobRow, store: JobStore, storage: Storage, reporter: _Reporter, device: str = "cpu"
+) -> tuple[dict, list[ArtifactRow]]:
     """Load, quantize, validate, save. Returns ``(metrics, artifacts)``."""
     import mono_quant
 
@@ -137,6 +153,10 @@ def _execute(job: JobRow, store: JobStore, storage: Storage, reporter: _Reporter
     kwargs = params.library_kwargs()
     if trusted:
         kwargs["trusted"] = True
+    if isinstance(model, str):
+        kwargs["device"] = device  # weights files are moved tensor by tensor
+    else:
+        model = model.to(device)  # a model this worker built itself
     result = mono_quant.quantize(
         model, calibration_data=None if params.dynamic else calibration, progress_callback=reporter, **kwargs
     )
@@ -243,7 +263,7 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         return None
     reporter = _Reporter(store, job_id, attempt)
     try:
-        metrics, artifacts = _execute(job, store, storage, reporter)
+        metrics, artifacts = _execute(job, store, storage, reporter, _device(settings))
         store.finish(job_id, "succeeded", attempt=attempt, metrics=metrics, artifacts=artifacts)
     except JobCancelled:
         store.finish(job_id, "cancelled", attempt=attempt)

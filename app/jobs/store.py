@@ -161,6 +161,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+_SCHEMA_LOCK_KEY = 0x6D6F6E6F71  # "monoq": the advisory lock taken while creating tables
+
+
 class JobStore:
     """All reads and writes of jobs and uploads. Thread-safe; one instance per process.
 
@@ -174,7 +177,13 @@ class JobStore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create missing tables. Safe when several processes start at once: on PostgreSQL a
+        transaction-scoped advisory lock serialises them (concurrent CREATE TABLE otherwise
+        fails on the catalog's unique index)."""
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            Base.metadata.create_all(connection)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -40,6 +40,7 @@ QUANTIZE_OPTIONS = {
     "clip_search_steps": "int4: MSE clipping search candidates per group (default 16, 0 = min/max)",
     "progress_callback": "callable(stage: str, fraction: float) for progress reports",
     "trusted": "allow pickled modules / TorchScript files as input (code can run: trusted files only)",
+    "device": "state_dict / file inputs: quantize on this device ('cuda', 'cpu'); modules stay where they are",
 }
 
 
@@ -150,8 +151,21 @@ def quantize(
             suggestion="Pass calibration_data (a tensor, a list of batches or a DataLoader), "
             "or use dynamic=True / weight_only=True, which need no data.",
         )
+    device = _resolve_device(kwargs.pop("device", None))
     source = prepare_model(model, trusted=trusted)
+    if isinstance(source, nn.Module) and device is not None and source is not model:
+        source = source.to(device)  # loaded from a file here: ours to move
+    if isinstance(source, nn.Module) and device is not None:
+        module_device = next((p.device for p in source.parameters()), device)
+        if module_device.type != device.type:
+            raise ConfigurationError(
+                f"device={device.type!r} was given, but the model is on {module_device.type}",
+                suggestion=f"Move the model first (model.to({device.type!r})): quantization never moves or "
+                "modifies the caller's model. A model is quantized where it is.",
+            )
     if isinstance(source, Mapping):
+        if device is not None:
+            kwargs["_device"] = device
         if needs_data:
             raise InputError(
                 "static quantization needs a model it can run, but a state_dict / weights file has no forward",
@@ -215,6 +229,23 @@ def _quantize_module(model, bits, dynamic, scheme, calibration_data, show_progre
     return quantized, info
 
 
+def _resolve_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigurationError(
+            f"device={device!r} is not a device", suggestion="Use device='cpu' or device='cuda'."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            "device='cuda' was given but no CUDA device is available",
+            suggestion="Use device='cpu', or run on a machine with a GPU and a CUDA build of torch.",
+        )
+    return resolved
+
+
 def _quantize_state_dict(state_dict, bits, dynamic, scheme, show_progress, kwargs) -> QuantizationResult:
     started = time.perf_counter()
     unsupported = [k for k in ("layer_types", "min_params", "observer_type") if k in kwargs]
@@ -233,7 +264,7 @@ def _quantize_state_dict(state_dict, bits, dynamic, scheme, show_progress, kwarg
         kwargs.get("exclude"),
     )
     progress = Progress(show_progress, kwargs.get("progress_callback"))
-    tensors, layers = quantize_state_dict(state_dict, plan, progress)
+    tensors, layers = quantize_state_dict(state_dict, plan, progress, device=kwargs.get("_device"))
     info = QuantizationInfo(
         selected_layers=list(layers),
         skipped_layers=list(plan.skipped),

@@ -401,7 +401,7 @@ def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     ``inf`` when the two are identical.
     """
     ref = reference.detach().double()
-    noise = (ref - approximation.detach().double()).pow(2).sum().item()
+    noise = (ref - approximation.detach().to(ref.device).double()).pow(2).sum().item()
     signal = ref.pow(2).sum().item()
     if noise == 0.0:
         return math.inf

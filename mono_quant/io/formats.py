@@ -351,8 +351,12 @@ def quantize_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     plan: _TensorPlan,
     progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Quantize a state_dict tensor by tensor; returns ``(tensors, layers metadata)``."""
+    """Quantize a state_dict tensor by tensor; returns ``(tensors, layers metadata)``.
+
+    With ``device``, each tensor is moved there before it is quantized (results stay there).
+    """
     progress = progress or Progress()
     out: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -361,7 +365,7 @@ def quantize_state_dict(
         entry = plan.layer_entry(name, tuple(tensor.shape), tensor.dtype)
         if entry is not None:
             layers[entry[0]] = entry[1]
-        out.update(plan.convert(name, tensor))
+        out.update(plan.convert(name, tensor if device is None else tensor.to(device)))
     return out, layers
 
 
