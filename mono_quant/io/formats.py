@@ -34,7 +34,7 @@ from mono_quant.api.exceptions import ConfigurationError, InputError
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.quantizers import QuantizationInfo, _cast_input_hook, _set_submodule, cast_hooks
 from mono_quant.core.selection import _as_tuple, _compile
-from mono_quant.io.handlers import _torch_load_weights_only, load_state_dict_file, read_safetensors_header
+from mono_quant.io.handlers import _torch_load_weights_only, load_state_dict_file, read_safetensors_header, sniff_format
 from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
 from mono_quant.modules.base import quantize_weight_tensors
 
@@ -171,7 +171,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The decoded metadata of a mono_quant file (``layers`` and ``quantization_info`` as
     structures); an empty ``layers`` for plain files."""
     path = Path(path)
-    if path.suffix in (".pt", ".pth"):
+    # By content, not only by name: quantize_file (and `monoquant quantize -o x.pt` on a
+    # safetensors input) writes safetensors whatever the suffix.
+    if path.suffix in (".pt", ".pth") and path.is_file() and sniff_format(path) != "safetensors":
         obj = _torch_load_weights_only(path)  # refusals and corrupt files as InputError
         raw = obj.get("mono_quant_metadata", {}) if isinstance(obj, dict) else {}
     else:

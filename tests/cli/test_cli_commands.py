@@ -79,6 +79,16 @@ def test_quantize_include_exclude(runner, model_file, tmp_path, flags, layers):
     assert set(read_metadata(out)["layers"]) == layers
 
 
+def test_a_streamed_output_named_pt_is_still_readable(runner, model_file, tmp_path):
+    out = tmp_path / "q.pt"  # the streaming path writes safetensors whatever the name
+    _ok(runner.invoke(cli, ["quantize", str(model_file), "--no-progress", "-o", str(out)]))
+    assert "format: mono_quant v1" in _ok(runner.invoke(cli, ["info", str(out)])).stdout
+    assert set(read_metadata(out)["layers"]) == {"0", "2", "4"}
+    restored = load_quantized(out, make_mlp(seed=2))
+    with torch.inference_mode():
+        assert restored(torch.randn(2, 128)).shape == (2, 10)
+
+
 def test_quantize_a_pt_state_dict(runner, model_pt, tmp_path):
     out = tmp_path / "from-pt.safetensors"
     result = _ok(runner.invoke(cli, ["quantize", str(model_pt), "--no-progress", "-o", str(out)]))

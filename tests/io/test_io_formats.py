@@ -162,6 +162,12 @@ def test_metadata_of_a_plain_file(tmp_path):
     assert read_metadata(path) == {"layers": {}}
 
 
+def test_metadata_of_a_missing_file(tmp_path):
+    for name in ("missing.safetensors", "missing.pt"):
+        with pytest.raises(InputError, match="cannot read"):
+            read_metadata(tmp_path / name)
+
+
 def test_metadata_that_is_not_json_is_an_input_error(tmp_path):
     path = tmp_path / "bad.safetensors"
     safetensors.torch.save_file({"w": torch.ones(2)}, path, metadata={"format": "mono_quant", "layers": "{oops"})
