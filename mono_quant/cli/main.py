@@ -231,7 +231,7 @@ def info(path, as_json):
     from mono_quant.io.handlers import inspect_model_file
 
     summary = inspect_model_file(path)
-    if summary.get("format") == "safetensors":
+    if summary.get("format") in ("safetensors", "pytorch"):  # .pt files saved by mono_quant have metadata too
         meta = read_metadata(path)
         summary["metadata"] = meta
     if as_json:

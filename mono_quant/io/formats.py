@@ -171,9 +171,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The decoded metadata of a mono_quant file (``layers`` and ``quantization_info`` as
     structures); an empty ``layers`` for plain files."""
     path = Path(path)
-    # By content, not only by name: quantize_file (and `monoquant quantize -o x.pt` on a
-    # safetensors input) writes safetensors whatever the suffix.
-    if path.suffix in (".pt", ".pth") and path.is_file() and sniff_format(path) != "safetensors":
+    # By content, not by name: quantize_file (and `monoquant quantize -o x.pt` on a
+    # safetensors input) writes safetensors whatever the suffix; .bin files are torch.save.
+    if path.is_file() and sniff_format(path) in ("torch_zip", "pickle"):
         obj = _torch_load_weights_only(path)  # refusals and corrupt files as InputError
         raw = obj.get("mono_quant_metadata", {}) if isinstance(obj, dict) else {}
     else:

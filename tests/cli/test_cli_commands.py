@@ -174,6 +174,17 @@ def test_info_json(runner, int4_file):
     assert data["metadata"]["quantization_info"]["bits"] == 4
 
 
+def test_info_on_a_pt_file_saved_by_mono_quant(runner, tmp_path):
+    from mono_quant import quantize
+
+    path = quantize(make_mlp(), bits=8, dynamic=True).save(tmp_path / "q.pt")
+    result = _ok(runner.invoke(cli, ["info", str(path)]))
+    assert result.stdout.splitlines()[0].startswith(f"{path}: pytorch, 9 tensors")
+    assert "  2: int8 sym, activation=dynamic" in result.stdout
+    data = json.loads(_ok(runner.invoke(cli, ["info", "--json", str(path)])).stdout)
+    assert set(data["metadata"]["layers"]) == {"0", "2", "4"}
+
+
 def test_info_on_a_plain_file(runner, model_file, model_pt):
     result = _ok(runner.invoke(cli, ["info", str(model_file)]))
     assert "6 tensors" in result.stdout and "dtypes: F32" in result.stdout

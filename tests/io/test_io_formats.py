@@ -162,6 +162,13 @@ def test_metadata_of_a_plain_file(tmp_path):
     assert read_metadata(path) == {"layers": {}}
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".bin"])
+def test_metadata_of_a_plain_torch_file(tmp_path, suffix):
+    path = tmp_path / f"plain{suffix}"
+    torch.save(build("mlp").state_dict(), path)
+    assert read_metadata(path) == {"layers": {}}
+
+
 def test_metadata_of_a_missing_file(tmp_path):
     for name in ("missing.safetensors", "missing.pt"):
         with pytest.raises(InputError, match="cannot read"):
