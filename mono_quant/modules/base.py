@@ -180,9 +180,14 @@ class QuantizedModule(nn.Module):
             zp_dtype = torch.uint8 if spec.bits == 4 else torch.int8
             self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=zp_dtype, device=device))
 
+    def _canonical_qweight(self) -> torch.Tensor:
+        """``qweight`` in the documented layout (a layer may keep a kernel's layout in memory)."""
+        return self.qweight
+
     def _weight_tensor(self) -> QuantizedTensor:
         spec = self.config.weight_spec
-        qdata = unpack_int4(self.qweight) if spec.bits == 4 else self.qweight
+        qweight = self._canonical_qweight()
+        qdata = unpack_int4(qweight) if spec.bits == 4 else qweight
         qdata = qdata.reshape(self.weight_shape)
         zp = None if self.weight_zero_point is None else self.weight_zero_point.to(torch.int32)
         return QuantizedTensor(qdata, self.weight_scale, zp, spec, self.config.granularity)

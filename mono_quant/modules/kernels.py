@@ -163,10 +163,7 @@ def tinygemm_pack(
     tinygemm_order = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)  # tinygemm: high nibble first
     inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
     weight = torch._convert_weight_to_int4pack(tinygemm_order.contiguous(), inner_k_tiles)
-    scale = weight_scale.float()
-    zero = (8.0 - weight_zero_point.float()) * scale
-    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=2).to(torch.bfloat16).contiguous()
-    return weight, scales_and_zeros
+    return weight, int4_scales_and_zeros(weight_scale, weight_zero_point)
 
 
 def tinygemm_linear(
@@ -176,4 +173,67 @@ def tinygemm_linear(
     out = torch._weight_int4pack_mm(x2d.to(torch.bfloat16).contiguous(), weight, group_size, scales_and_zeros)
     if bias is not None:
         out = out + bias.to(out.dtype)
+    return out
+
+
+# torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) takes the weight in blocks of 64
+# output rows: in a block, byte ``[k, i]`` holds row ``i`` of input column ``k`` in its low
+# nibble and row ``i + 32`` in its high nibble. Measured on this project's CPU with bf16
+# activations on a 4096x4096 layer: 10x faster than fp32 at batch 1, 2.3x at 32, 1.15x at 256.
+_CPU_INT4_BLOCK = 64
+
+
+def cpu_int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the layer's shape fits torch's CPU int4 kernel."""
+    return (
+        hasattr(torch, "_weight_int4pack_mm_for_cpu")
+        and out_features % _CPU_INT4_BLOCK == 0
+        and in_features % group_size == 0
+        and group_size in (32, 64, 128, 256)
+    )
+
+
+def to_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Our int4 packing ``[N, K // 2]`` (low nibble = even input feature) -> the CPU kernel's
+    block layout, same shape and size (equal to ``torch._convert_weight_to_int4pack_for_cpu``
+    of the unpacked values)."""
+    from mono_quant.core.schemes import unpack_int4
+
+    q = unpack_int4(packed)
+    rows, cols = q.shape
+    blocks = q.view(rows // _CPU_INT4_BLOCK, 2, _CPU_INT4_BLOCK // 2, cols)
+    merged = blocks[:, 0] | (blocks[:, 1] << 4)  # [B, 32, K]
+    return merged.transpose(1, 2).contiguous().view(rows, cols // 2)
+
+
+def from_cpu_int4_layout(blocked: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_cpu_int4_layout`."""
+    from mono_quant.core.schemes import pack_int4
+
+    rows, half = blocked.shape
+    cols = 2 * half
+    merged = blocked.view(rows // _CPU_INT4_BLOCK, cols, _CPU_INT4_BLOCK // 2).transpose(1, 2)
+    q = torch.stack((merged & 0x0F, merged >> 4), dim=1).reshape(rows, cols)
+    return pack_int4(q)
+
+
+def int4_scales_and_zeros(
+    weight_scale: torch.Tensor, weight_zero_point: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """``[K // g, N, 2]`` (scale, zero) for the int4 kernels, which compute
+    ``(q - 8) * scale + zero``: ``zero = (8 - zero_point) * scale`` is exactly our
+    ``(q - zero_point) * scale``."""
+    scale = weight_scale.float()
+    zero = (8.0 - weight_zero_point.float()) * scale
+    return torch.stack([scale.t(), zero.t()], dim=2).to(dtype).contiguous()
+
+
+def cpu_int4_linear(
+    x2d: torch.Tensor, blocked: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x2d [M, K]`` (computed in bf16) times a CPU-layout int4 weight, plus bias, in fp32."""
+    out = torch._weight_int4pack_mm_for_cpu(x2d.to(torch.bfloat16).contiguous(), blocked, group_size, scales_and_zeros)
+    out = out.float()
+    if bias is not None:
+        out.add_(bias)
     return out

@@ -9,12 +9,17 @@ from torch import nn
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
+    cpu_int4_linear,
+    cpu_int4_supported,
+    from_cpu_int4_layout,
     int4_grouped_linear,
+    int4_scales_and_zeros,
     int8_linear,
     int_mm_supported,
     quantize_per_token,
     tinygemm_linear,
     tinygemm_pack,
+    to_cpu_int4_layout,
 )
 
 __all__ = ["QuantizedLinear"]
@@ -44,6 +49,9 @@ class QuantizedLinear(QuantizedModule):
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
+        # int4 on the CPU keeps ``qweight`` in the layout of torch's CPU int4 kernel (same size);
+        # state_dict() and dequantized_weight() always see the documented layout.
+        self.qweight_layout = "packed"
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -75,6 +83,7 @@ class QuantizedLinear(QuantizedModule):
             # _int_mm on the CPU wants the weight operand [K, N] row-major: keep the logical
             # [N, K] buffer with that physical layout (state_dict still sees [N, K]).
             self.qweight = self.qweight.t().contiguous().t()
+        self._adopt_cpu_int4_layout()
         bias = None if bias is None else bias.detach().clone().float()
         self.register_buffer("bias", bias)
         if self.config.activation == "static":
@@ -88,8 +97,43 @@ class QuantizedLinear(QuantizedModule):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.qweight_layout = "packed"  # what was just copied in is the documented layout
+        self._adopt_cpu_int4_layout()
         if self.config.activation == "static":
             self.weight_col_sum = self.qweight.sum(dim=1, dtype=torch.int32)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight_layout != "packed":
+            destination[prefix + "qweight"] = self._canonical_qweight()
+
+    # -- int4 weight layouts -----------------------------------------------------------------
+    def _cpu_int4_eligible(self) -> bool:
+        return (
+            self.config.bits == 4
+            and self.config.activation == "none"
+            and cpu_int4_supported(self.out_features, self.in_features, self.config.group_size)
+        )
+
+    def _adopt_cpu_int4_layout(self) -> None:
+        """On the CPU, switch an int4 weight to the CPU kernel's layout (once; same memory)."""
+        if self.qweight_layout == "packed" and self.qweight.device.type == "cpu" and self._cpu_int4_eligible():
+            self.qweight = to_cpu_int4_layout(self.qweight)
+            self.qweight_layout = "cpu_int4"
+
+    def _canonical_qweight(self) -> torch.Tensor:
+        if self.qweight_layout == "cpu_int4":
+            return from_cpu_int4_layout(self.qweight)
+        return self.qweight
+
+    def _scales_and_zeros(self) -> torch.Tensor:
+        """bf16 ``[G, N, 2]`` qparams of the int4 kernels (derived, cached per tensor)."""
+        key = (self.weight_scale.device, self.weight_scale.data_ptr(), self.weight_zero_point.data_ptr())
+        cached = getattr(self, "_scales_and_zeros_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, int4_scales_and_zeros(self.weight_scale, self.weight_zero_point))
+            object.__setattr__(self, "_scales_and_zeros_cache", cached)
+        return cached[1]
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,9 +171,18 @@ class QuantizedLinear(QuantizedModule):
                 return tinygemm_linear(x2d, *packed, self.config.group_size, self.bias)
         if x2d.device.type != "cpu":
             return self._forward_dequantized(x2d)
+        if self._cpu_int4_eligible():
+            self._adopt_cpu_int4_layout()  # e.g. after a move back from CUDA
+            return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.config.group_size, self.bias)
         terms = 1 if self.config.activation == "dynamic" else 2
         return int4_grouped_linear(
-            x2d, self.qweight, self.weight_scale, self.weight_zero_point, self.config.group_size, self.bias, terms
+            x2d,
+            self._canonical_qweight(),
+            self.weight_scale,
+            self.weight_zero_point,
+            self.config.group_size,
+            self.bias,
+            terms,
         )
 
     def _tinygemm_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -145,7 +198,9 @@ class QuantizedLinear(QuantizedModule):
         packed = None
         if self.out_features % 8 == 0 and self.config.group_size in (32, 64, 128, 256):
             try:
-                packed = tinygemm_pack(self.qweight, self.weight_scale, self.weight_zero_point, self.config.group_size)
+                packed = tinygemm_pack(
+                    self._canonical_qweight(), self.weight_scale, self.weight_zero_point, self.config.group_size
+                )
             except (RuntimeError, StopIteration):
                 packed = None  # this torch build / shape has no tinygemm: dequantize instead
         object.__setattr__(self, "_tinygemm_cache", (key, packed))
