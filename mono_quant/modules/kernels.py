@@ -45,28 +45,37 @@ def int_mm_supported(x_rows: int, in_features: int, out_features: int, device: t
     return False
 
 
-def quantize_per_token(x2d: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(
+    x2d: torch.Tensor, terms: int, offset: int = 0, dtype: torch.dtype = torch.int8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization of ``x2d [M, K]`` with ``terms`` (1 or 2) terms.
 
-    Returns ``(q [terms * M, K] int8, scale [M, 1] fp32)`` with
-    ``x ~ scale * (q[:M] + q[M:] / 254)`` for two terms.
+    Returns ``(q [terms * M, K], scale [M, 1] fp32)`` with
+    ``x ~ scale * (q[:M] + q[M:] / 254)`` for two terms. ``offset=128, dtype=torch.uint8``
+    gives the same values shifted into uint8 (zero point 128), which oneDNN's kernel takes.
     """
-    x = x2d.float()
+    # Integer kernels are not differentiable: keep autograd out of the scale arithmetic too.
+    x = x2d.detach().float()
     # amin + amax rather than aminmax(dim=...), which is ~15x slower on the CPU (torch 2.13)
     amax = torch.maximum(x.amin(dim=1, keepdim=True).neg_(), x.amax(dim=1, keepdim=True)).clamp_(min=1e-12)
     scaled = x * (127.0 / amax)  # multiply by the inverse: a broadcast divide is slower
     scale = amax.div_(127.0)
     if terms == 1:
-        return scaled.round_().to(torch.int8), scale
-    q = torch.empty((2 * x.shape[0], x.shape[1]), dtype=torch.int8, device=x.device)
+        first = scaled.round_()
+        return (first.add_(offset) if offset else first).to(dtype), scale
+    q = torch.empty((2 * x.shape[0], x.shape[1]), dtype=dtype, device=x.device)
     first = torch.round(scaled)
+    residual = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
+    if offset:
+        first.add_(offset)
+        residual.add_(offset)
     q[: x.shape[0]] = first
-    q[x.shape[0] :] = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
+    q[x.shape[0] :] = residual
     return q, scale
 
 
 def _combine_terms(acc: torch.Tensor, rows: int, terms: int) -> torch.Tensor:
-    """``acc [terms * M, N]`` int32 -> float ``[M, N]`` = first + second / 254."""
+    """``acc [terms * M, N]`` -> float ``[M, N]`` = first + second / 254."""
     out = acc[:rows].float()
     if terms == 2:
         out.add_(acc[rows:].float(), alpha=1.0 / _RESIDUAL_STEPS)
@@ -237,3 +246,66 @@ def cpu_int4_linear(
     if bias is not None:
         out.add_(bias)
     return out
+
+
+# oneDNN's int8 linear with a weight packed once (``onednn::qlinear_prepack``): the CPU's fastest
+# int8 x int8 kernel here. ``_int_mm`` re-packs the weight on every call; with the weight
+# prepacked, a 4096x4096 layer takes 0.16 / 1.36 / 10.5 ms at batch 1 / 32 / 256 against
+# 0.9 / 2.1 / 13.8 ms for ``_int_mm`` (and 0.15 / 1.4 / 12.0 ms for quantize_dynamic's fbgemm).
+# It wants uint8 activations: ours are stored shifted by 128 with zero point 128.
+
+
+def onednn_int8_available() -> bool:
+    """Whether torch has oneDNN's quantized linear (x86 CPU builds)."""
+    onednn = getattr(torch.ops, "onednn", None)
+    try:
+        return (
+            onednn is not None
+            and hasattr(onednn, "qlinear_prepack")
+            and hasattr(onednn, "qlinear_pointwise")
+            and torch.backends.mkldnn.is_available()
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_prepack(qweight: torch.Tensor) -> torch.Tensor:
+    """Pack a symmetric int8 weight ``[N, K]`` for :func:`onednn_linear` (an opaque tensor)."""
+    return torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
+
+
+def onednn_linear(
+    x_u8: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x_scale * (x_u8 - x_zero_point) @ (weight * weight_scale)^T + bias`` in fp32.
+
+    ``weight_zero_point`` is int64 zeros ``[N]`` (the weight is symmetric).
+    """
+    return torch.ops.onednn.qlinear_pointwise(
+        x_u8, x_scale, x_zero_point, packed_weight, weight_scale, weight_zero_point, bias,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+def onednn_int8_linear(
+    x2d: torch.Tensor,
+    packed_weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    terms: int,
+) -> torch.Tensor:
+    """Per-token int8 activations (``terms`` terms) times a prepacked int8 weight, fp32 out."""
+    rows = x2d.shape[0]
+    q, act_scale = quantize_per_token(x2d, terms, offset=128, dtype=torch.uint8)
+    acc = onednn_linear(q, 1.0, 128, packed_weight, weight_scale, weight_zero_point, None)
+    out = _combine_terms(acc, rows, terms)
+    if bias is not None:
+        return torch.addcmul(bias, out, act_scale, out=out)  # one pass: bias + out * scale
+    return out.mul_(act_scale)

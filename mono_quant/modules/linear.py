@@ -16,6 +16,10 @@ from mono_quant.modules.kernels import (
     int4_scales_and_zeros,
     int8_linear,
     int_mm_supported,
+    onednn_int8_available,
+    onednn_int8_linear,
+    onednn_linear,
+    onednn_prepack,
     quantize_per_token,
     tinygemm_linear,
     tinygemm_pack,
@@ -79,10 +83,6 @@ class QuantizedLinear(QuantizedModule):
         return layer
 
     def _finish(self, bias: torch.Tensor | None, input_qparams) -> None:
-        if self.config.bits == 8 and self.qweight.device.type == "cpu":
-            # _int_mm on the CPU wants the weight operand [K, N] row-major: keep the logical
-            # [N, K] buffer with that physical layout (state_dict still sees [N, K]).
-            self.qweight = self.qweight.t().contiguous().t()
         self._adopt_cpu_int4_layout()
         bias = None if bias is None else bias.detach().clone().float()
         self.register_buffer("bias", bias)
@@ -97,6 +97,7 @@ class QuantizedLinear(QuantizedModule):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._drop_kernel_caches()
         self.qweight_layout = "packed"  # what was just copied in is the documented layout
         self._adopt_cpu_int4_layout()
         if self.config.activation == "static":
@@ -106,6 +107,45 @@ class QuantizedLinear(QuantizedModule):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.qweight_layout != "packed":
             destination[prefix + "qweight"] = self._canonical_qweight()
+
+    # -- derived kernel operands (caches: rebuilt when the weight or its device changes) -----
+    def _drop_kernel_caches(self) -> None:
+        for name in ("_onednn_cache", "_tinygemm_cache", "_scales_and_zeros_cache"):
+            self.__dict__.pop(name, None)
+
+    def _apply(self, fn, recurse=True):
+        self._drop_kernel_caches()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        for name in ("_onednn_cache", "_tinygemm_cache", "_scales_and_zeros_cache"):
+            state.pop(name, None)  # opaque kernel tensors cannot be copied or pickled
+        return state
+
+    def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The int8 weight packed for oneDNN (CPU, symmetric per-channel int8), with the
+        int64 zero points the kernel takes; None where the kernel does not apply."""
+        cached = self.__dict__.get("_onednn_cache")
+        if cached is not None:
+            return cached
+        packed = None
+        if (
+            self.config.bits == 8
+            and self.weight_zero_point is None
+            and self.qweight.device.type == "cpu"
+            and onednn_int8_available()
+        ):
+            try:
+                packed = (
+                    onednn_prepack(self.qweight),
+                    torch.zeros(self.out_features, dtype=torch.int64),
+                )
+            except RuntimeError:
+                packed = None
+        # False marks "tried, not available" so the check is not repeated every call
+        object.__setattr__(self, "_onednn_cache", packed if packed is not None else False)
+        return packed
 
     # -- int4 weight layouts -----------------------------------------------------------------
     def _cpu_int4_eligible(self) -> bool:
@@ -149,6 +189,10 @@ class QuantizedLinear(QuantizedModule):
 
     def _forward_int8(self, x2d: torch.Tensor) -> torch.Tensor:
         dynamic = self.config.activation == "dynamic"
+        if x2d.device.type == "cpu" and self.config.group_size is None:
+            onednn = self._onednn_weight()
+            if onednn:
+                return onednn_int8_linear(x2d, onednn[0], self.weight_scale, onednn[1], self.bias, 1 if dynamic else 2)
         use_int_mm = self.config.group_size is None and int_mm_supported(
             x2d.shape[0], self.in_features, self.out_features, x2d.device
         )
@@ -219,7 +263,15 @@ class QuantizedLinear(QuantizedModule):
     def _forward_static(self, x2d: torch.Tensor) -> torch.Tensor:
         spec: QuantSpec = INT8_SYMMETRIC if self.config.activation_symmetric else INT8_ASYMMETRIC
         scale, zp = self.input_scale, self.input_zero_point
-        xq = torch.div(x2d.float(), scale).round_().add_(zp).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+        rounded = torch.div(x2d.float(), scale).round_().add_(zp).clamp_(spec.qmin, spec.qmax)
+        if x2d.device.type == "cpu":
+            onednn = self._onednn_weight()
+            if onednn:  # uint8 activations: shift by 128, zero point with them
+                x_u8 = rounded.add_(128).to(torch.uint8)
+                return onednn_linear(
+                    x_u8, float(scale), int(zp) + 128, onednn[0], self.weight_scale, onednn[1], self.bias
+                )
+        xq = rounded.to(torch.int8)
         if (
             self.config.bits == 8
             and self.config.group_size is None
