@@ -70,8 +70,13 @@ class QuantizationInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def bits(self) -> int:
-        return resolve_dtype(self.dtype)[0]
+    def bits(self) -> int | None:
+        """4, 8 or 16 for the dtypes mono_quant produces; None for other (informational) dtypes,
+        such as the ``torch.int32`` some callers of the classic constructor pass."""
+        try:
+            return resolve_dtype(self.dtype)[0]
+        except ConfigurationError:
+            return None
 
     @property
     def compression_ratio(self) -> float | None:

@@ -107,16 +107,14 @@ def test_quantization_info_bits_and_to_dict(dtype, bits):
     assert data["compression_ratio"] == pytest.approx(4.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: QuantizationInfo.bits / to_dict() raise ConfigurationError for dtype=torch.int32, "
-    "which the classic constructor accepts (mono_quant/core/quantizers.py, resolve_dtype)",
-)
 def test_quantization_info_with_a_classic_int32_dtype_can_be_saved(tmp_path):
     info = QuantizationInfo(
         selected_layers=["0"], skipped_layers=[], calibration_samples_used=100, dtype=torch.int32, symmetric=False
     )
-    mono_quant.save_model(nn.Sequential(nn.Linear(4, 4)), tmp_path / "m.safetensors", info)
+    assert info.bits is None
+    assert info.to_dict()["dtype"] == "int32"
+    path = mono_quant.save_model(nn.Sequential(nn.Linear(4, 4)), tmp_path / "m.safetensors", info)
+    assert mono_quant.read_metadata(path)["quantization_info"]["calibration_samples_used"] == 100
 
 
 # -- QuantizationConfig --------------------------------------------------------------------------
