@@ -15,6 +15,7 @@ from mono_quant.api.result import QuantizationResult
 from mono_quant.core.config import resolve_dtype
 from mono_quant.core.progress import Progress
 from mono_quant.core.quantizers import QuantizationInfo, dynamic_quantize, static_quantize
+from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS
 from mono_quant.io.formats import _make_plan, quantize_state_dict
 from mono_quant.io.handlers import prepare_model
 
@@ -37,7 +38,7 @@ QUANTIZE_OPTIONS = {
     "weight_only": "int8: quantize weights only, keep activations at full precision",
     "dtype": "bits=16: 'float16' (default) or 'bfloat16'",
     "embedding_bits": "bits for embedding tables in int4 runs (default 8)",
-    "clip_search_steps": "int4: MSE clipping search candidates per group (default 16, 0 = min/max)",
+    "clip_search_steps": "int4: MSE clipping search candidates per group (default 8, 0 = min/max)",
     "progress_callback": "callable(stage: str, fraction: float) for progress reports",
     "trusted": "allow pickled modules / TorchScript files as input (code can run: trusted files only)",
     "device": "state_dict / file inputs: quantize on this device ('cuda', 'cpu'); modules stay where they are",
@@ -84,7 +85,7 @@ def _check_arguments(bits: Any, scheme: Any, dynamic: Any, kwargs: dict[str, Any
             f"embedding_bits must be 4 or 8, got {kwargs['embedding_bits']!r}",
             suggestion="Use embedding_bits=8 (default) or embedding_bits=4.",
         )
-    steps = kwargs.get("clip_search_steps", 16)
+    steps = kwargs.get("clip_search_steps", DEFAULT_CLIP_SEARCH_STEPS)
     if not _is_int(steps) or steps < 0:
         raise ConfigurationError(
             f"clip_search_steps must be a non-negative integer, got {steps!r}",
@@ -220,7 +221,7 @@ def _quantize_module(model, bits, dynamic, scheme, calibration_data, show_progre
         group_size=kwargs.get("group_size", 128 if bits == 4 else None),
         weight_only=bool(kwargs.get("weight_only", False)),
         embedding_bits=kwargs.get("embedding_bits", 8),
-        clip_search_steps=kwargs.get("clip_search_steps", 16),
+        clip_search_steps=kwargs.get("clip_search_steps", DEFAULT_CLIP_SEARCH_STEPS),
         show_progress=show_progress,
         progress_callback=callback,
         return_info=True,
@@ -258,7 +259,7 @@ def _quantize_state_dict(state_dict, bits, dynamic, scheme, show_progress, kwarg
         dynamic,
         bool(kwargs.get("weight_only", False)),
         kwargs.get("embedding_bits", 8),
-        kwargs.get("clip_search_steps", 16),
+        kwargs.get("clip_search_steps", DEFAULT_CLIP_SEARCH_STEPS),
         kwargs.get("dtype"),
         kwargs.get("include"),
         kwargs.get("exclude"),

@@ -28,7 +28,7 @@ from mono_quant.core.calibration import count_batches, iter_calibration_batches,
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
 from mono_quant.core.progress import Progress, ProgressCallback
-from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC
+from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, INT8_ASYMMETRIC, INT8_SYMMETRIC
 from mono_quant.core.selection import LayerSelection, SkippedLayer, select_layers
 from mono_quant.modules import LayerQuantConfig, quantized_class_for
 
@@ -209,7 +209,7 @@ def quantize_layers(
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     selection: LayerSelection | None = None,
     embedding_bits: int = 8,
-    clip_search_steps: int = 16,
+    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
     progress: Progress | None = None,
     info: QuantizationInfo | None = None,
 ) -> tuple[nn.Module, QuantizationInfo]:
@@ -341,7 +341,7 @@ def dynamic_quantize(
     exclude: Any = None,
     min_params: int = 0,
     embedding_bits: int = 8,
-    clip_search_steps: int = 16,
+    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
     show_progress: bool = False,
     progress_callback: ProgressCallback | None = None,
     return_info: bool = False,

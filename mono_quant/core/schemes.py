@@ -49,14 +49,20 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "sqnr",
+    "DEFAULT_CLIP_SEARCH_STEPS",
 ]
 
+# Candidates of the int4 MSE clipping search (coarse to fine). On MiniLM int4 g128: 0 -> 0.9619
+# mean embedding cosine, 8 -> 0.9648, 16 -> 0.9654 at twice the cost of 8.
+DEFAULT_CLIP_SEARCH_STEPS = 8
 # Smallest scale we ever produce: an all-zero block quantizes to zeros instead of NaN.
 _MIN_SCALE = 1e-12
-# Rows processed at a time on the CPU: a 64 x 4096 fp32 block is 1 MiB and stays in L2, so
-# each element is read from memory once and every intermediate pass hits the cache.
-_CPU_BLOCK_ROWS = 64
-# On accelerators one big kernel per op is fastest; chunk only to bound temporary memory.
+# Elements processed per block. Measured on this project's CPU (2 threads, 4096x4096 fp32):
+# int8 per-channel runs at 6.3 / 7.7 / 9.4 / 10.2 GB/s with blocks of 64 / 128 / 256 / 512
+# rows: per-op overhead and thread start-up, not cache misses, dominate small blocks.
+_CPU_BLOCK_ELEMENTS = 1 << 21
+# The clipping search evaluates all candidates of a block at once: cap that temporary.
+_SEARCH_BLOCK_ELEMENTS = 1 << 22
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
 
 
@@ -234,33 +240,57 @@ def _check_weight(weight: torch.Tensor, granularity: Granularity) -> None:
             )
 
 
-def _search_clipping(
-    tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, shrink: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group qparams minimising the squared error over ranges ``[lo, hi] * f``.
+def _clip_errors(
+    tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, factors: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(error, scale, zero_point)`` for ranges ``[lo, hi] * factors``, all candidates at once.
 
-    ``tile [rows, groups, group]``; tries each factor ``f`` of ``shrink`` and keeps, for each
-    group, the one with the smallest ``sum((dequant(quant(x)) - x)^2)``. Clipping a few
-    extreme weights buys every other weight a finer grid: for int4 this is worth about
-    1 dB of SQNR over plain min/max.
+    ``tile [rows, groups, group]``, ``factors [C, rows or 1, groups or 1]``. The error is
+    computed in grid units, ``e = clamp(round(t), qmin, qmax) - t`` with ``t = x / s + z``
+    (``round(x / s) + z == round(x / s + z)`` for an integer ``z``), and scaled by ``s^2`` per
+    group: seven cheap passes over the candidates (clamping to per-group tensor bounds instead
+    would be ~10x slower on the CPU).
     """
-    best_scale, best_zp = choose_qparams(lo, hi, spec)
-    best_err = None
-    trial = torch.empty_like(tile)
-    for factor in shrink.tolist():
-        scale, zp = choose_qparams(lo * factor, hi * factor, spec)
-        torch.div(tile, scale.unsqueeze(2), out=trial).round_()
-        trial.add_(zp.unsqueeze(2)).clamp_(spec.qmin, spec.qmax).sub_(zp.unsqueeze(2))
-        trial.mul_(scale.unsqueeze(2)).sub_(tile)
-        err = trial.square_().sum(dim=2)
-        if best_err is None:
-            best_err, best_scale, best_zp = err, scale, zp
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zp = torch.where(better, zp, best_zp)
-    return best_scale, best_zp
+    scale, zp = choose_qparams(lo.unsqueeze(0) * factors, hi.unsqueeze(0) * factors, spec)  # [C, rows, groups]
+    shifted = torch.div(tile.unsqueeze(0), scale.unsqueeze(-1)).add_(zp.unsqueeze(-1))
+    units = torch.round(shifted).clamp_(spec.qmin, spec.qmax).sub_(shifted).square_().sum(dim=-1)
+    return units.mul_(scale.square()), scale, zp
+
+
+def _argmin_first(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmin(dim=0, keepdim=True)``; reducing over a contiguous last axis is ~20x
+    faster on the CPU than over the leading one."""
+    return values.movedim(0, -1).contiguous().argmin(dim=-1).unsqueeze(0)
+
+
+def _search_clipping(
+    tile: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group qparams minimising the squared error over clipping ranges ``[lo, hi] * f``.
+
+    Coarse to fine: ``steps - steps // 2`` factors spread over [1.0, 0.7], then ``steps // 2``
+    around each group's best. Clipping a few extreme weights buys every other weight a finer
+    grid: for int4 g128 on MiniLM, +0.5 dB weight SQNR and +0.003 mean embedding cosine over
+    plain min/max.
+    """
+    coarse_steps = max(1, steps - steps // 2)
+    coarse = torch.linspace(1.0, 0.7, coarse_steps, device=tile.device).view(-1, 1, 1)
+    err, scale, zp = _clip_errors(tile, lo, hi, coarse, spec)
+    best = _argmin_first(err)
+    best_err, best_scale, best_zp = err.gather(0, best), scale.gather(0, best), zp.gather(0, best)
+    fine_steps = steps // 2
+    if fine_steps:
+        spacing = 0.3 / max(coarse_steps - 1, 1)
+        offsets = torch.linspace(-spacing / 2, spacing / 2, fine_steps + 1, device=tile.device)
+        offsets = offsets[offsets != 0][:fine_steps].view(-1, 1, 1)
+        factors = (coarse.view(-1).gather(0, best.view(-1)).view(best.shape[1:]).unsqueeze(0) + offsets).clamp_(max=1.0)
+        fine_err, fine_scale, fine_zp = _clip_errors(tile, lo, hi, factors, spec)
+        pick = _argmin_first(fine_err)
+        candidate_err = fine_err.gather(0, pick)
+        better = candidate_err < best_err
+        best_scale = torch.where(better, fine_scale.gather(0, pick), best_scale)
+        best_zp = torch.where(better, fine_zp.gather(0, pick), best_zp)
+    return best_scale.squeeze(0), best_zp.squeeze(0)
 
 
 def quantize_weight(
@@ -276,8 +306,8 @@ def quantize_weight(
     quantization error (MSE clipping search; used for int4, where it matters).
 
     Works block by block over the output rows, so the temporary memory is a few MiB whatever
-    the weight size, and on the CPU each block stays in cache (one read of the weight, one
-    write of the result). The input is never modified.
+    the weight size (one read of the weight, one write of the result, and the passes in
+    between on a block-sized buffer). The input is never modified.
 
     Shapes: per tensor -> scale ``[]``; per channel -> ``[out]``; per group (2-D weight
     ``[out, in]``) -> ``[out, in // group_size]``.
@@ -313,29 +343,29 @@ def quantize_weight(
     keep_zp = not (spec.symmetric and spec.bits == 8)
     zp_out = torch.empty((rows, groups), dtype=torch.int32, device=device) if keep_zp else None
 
-    if device.type == "cpu":
-        block = _CPU_BLOCK_ROWS
-    else:
-        block = max(1, _DEVICE_BLOCK_ELEMENTS // max(cols, 1))
+    budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    if clip_search_steps:
+        budget = min(budget, _SEARCH_BLOCK_ELEMENTS // clip_search_steps)
+    block = max(1, budget // max(cols, 1))
+    clamp = not (spec.symmetric and spec.bits == 8)  # |round(x / (amax / 127))| <= 127 already
     work = torch.empty((min(block, rows), groups, group), dtype=torch.float32, device=device)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
         n = stop - start
-        tile = work[:n]
-        tile.copy_(flat[start:stop].view(n, groups, group))
+        source = flat[start:stop].view(n, groups, group)
         # amin + amax, not aminmax(dim=...): the latter takes a slow path on the CPU
         # (measured 15x slower on a 64 x 4096 block, torch 2.13).
-        lo, hi = tile.amin(dim=2), tile.amax(dim=2)
+        lo, hi = source.amin(dim=2).float(), source.amax(dim=2).float()
         if clip_search_steps:
-            shrink = torch.linspace(1.0, 0.7, clip_search_steps)
-            scale, zero_point = _search_clipping(tile, lo, hi, spec, shrink)
+            scale, zero_point = _search_clipping(source.float(), lo, hi, spec, clip_search_steps)
         else:
             scale, zero_point = choose_qparams(lo, hi, spec)
-        tile.div_(scale.unsqueeze(2)).round_()
+        tile = torch.div(source, scale.unsqueeze(2), out=work[:n]).round_()
         if keep_zp:
             tile.add_(zero_point.unsqueeze(2))
             zp_out[start:stop] = zero_point
-        tile.clamp_(spec.qmin, spec.qmax)
+        if clamp:
+            tile.clamp_(spec.qmin, spec.qmax)
         q_out[start:stop].view(n, groups, group).copy_(tile)
         scale_out[start:stop] = scale
 

@@ -33,6 +33,7 @@ from torch import nn
 from mono_quant.api.exceptions import ConfigurationError, InputError
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.quantizers import QuantizationInfo, _cast_input_hook, _set_submodule, cast_hooks
+from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS
 from mono_quant.core.selection import _as_tuple, _compile
 from mono_quant.io.handlers import _torch_load_weights_only, load_state_dict_file, read_safetensors_header, sniff_format
 from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
@@ -414,7 +415,7 @@ def quantize_file(
     dynamic: bool = True,
     weight_only: bool = False,
     embedding_bits: int = 8,
-    clip_search_steps: int = 16,
+    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
     dtype: Any = None,
     include: Any = None,
     exclude: Any = None,
