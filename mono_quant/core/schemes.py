@@ -281,8 +281,10 @@ def _search_clipping(
     fine_steps = steps // 2
     if fine_steps:
         spacing = 0.3 / max(coarse_steps - 1, 1)
-        offsets = torch.linspace(-spacing / 2, spacing / 2, fine_steps + 1, device=tile.device)
-        offsets = offsets[offsets != 0][:fine_steps].view(-1, 1, 1)
+        # fine_steps + 1 points around the coarse best, minus the middle one (the best itself)
+        grid = torch.linspace(-spacing / 2, spacing / 2, fine_steps + 1, device=tile.device)
+        middle = fine_steps // 2
+        offsets = torch.cat([grid[:middle], grid[middle + 1 :]]).view(-1, 1, 1)
         factors = (coarse.view(-1).gather(0, best.view(-1)).view(best.shape[1:]).unsqueeze(0) + offsets).clamp_(max=1.0)
         fine_err, fine_scale, fine_zp = _clip_errors(tile, lo, hi, factors, spec)
         pick = _argmin_first(fine_err)
@@ -344,8 +346,9 @@ def quantize_weight(
     zp_out = torch.empty((rows, groups), dtype=torch.int32, device=device) if keep_zp else None
 
     budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
-    if clip_search_steps:
-        budget = min(budget, _SEARCH_BLOCK_ELEMENTS // clip_search_steps)
+    if clip_search_steps:  # the search holds every candidate of a block at once
+        search_budget = _SEARCH_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+        budget = min(budget, search_budget // clip_search_steps)
     block = max(1, budget // max(cols, 1))
     quantize_block = _block_kernel(device, clip_search_steps)
     work = None
@@ -397,11 +400,11 @@ def _quantize_block(
 _COMPILED_BLOCK: list = []  # [compiled function] once built; [None] when compiling is not possible
 
 
-def _block_kernel(device: torch.device, clip_search_steps: int):
+def _block_kernel(device: torch.device, clip_search_steps: int = 0):
     """The block function for ``device``: on CUDA, ``torch.compile`` of :func:`_quantize_block`
     (one fused read of the weight and one write, about 10x eager on an H100); elsewhere, or if
     compiling fails, eager ops."""
-    if device.type != "cuda" or clip_search_steps:
+    if device.type != "cuda":
         return _quantize_block
     if not _COMPILED_BLOCK:
         try:
