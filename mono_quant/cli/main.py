@@ -171,30 +171,17 @@ def _dequantized_state(path: Path) -> dict[str, Any]:
     """``{layer or tensor name: float tensor}`` of a file, quantized layers dequantized."""
     import torch
 
-    from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, unpack_int4
-    from mono_quant.io.formats import load_model, read_metadata
-    from mono_quant.modules import LayerQuantConfig
+    from mono_quant.io.formats import dequantized_layer_weight, load_model, read_metadata
 
     meta = read_metadata(path)
     state = load_model(path)
     out: dict[str, torch.Tensor] = {}
     consumed = set()
     for layer, cfg in meta["layers"].items():
-        if cfg.get("kind") == "cast" or f"{layer}.qweight" not in state:
+        weight = None if cfg.get("kind") == "cast" else dequantized_layer_weight(state, layer, cfg)
+        if weight is None:
             continue
-        config = LayerQuantConfig.from_dict(cfg)
-        q = state[f"{layer}.qweight"]
-        if config.bits == 4:
-            q = unpack_int4(q)
-        zp = state.get(f"{layer}.weight_zero_point")
-        qt = QuantizedTensor(
-            q,
-            state[f"{layer}.weight_scale"],
-            None if zp is None else zp.to(torch.int32),
-            config.weight_spec,
-            config.granularity,
-        )
-        out[f"{layer}.weight"] = dequantize_weight(qt)
+        out[f"{layer}.weight"] = weight
         consumed.update(f"{layer}.{k}" for k in ("qweight", "weight_scale", "weight_zero_point"))
     for name, tensor in state.items():
         if name not in consumed and tensor.is_floating_point():

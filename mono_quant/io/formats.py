@@ -33,7 +33,7 @@ from torch import nn
 from mono_quant.api.exceptions import ConfigurationError, InputError
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.quantizers import QuantizationInfo, _cast_input_hook, _set_submodule, cast_hooks
-from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS
+from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, QuantizedTensor, dequantize_weight, unpack_int4
 from mono_quant.core.selection import _as_tuple, _compile
 from mono_quant.io.handlers import _torch_load_weights_only, load_state_dict_file, read_safetensors_header, sniff_format
 from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
@@ -49,6 +49,7 @@ __all__ = [
     "layer_metadata",
     "quantize_state_dict",
     "quantize_file",
+    "dequantized_layer_weight",
 ]
 
 FORMAT_NAME = "mono_quant"
@@ -249,6 +250,33 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             suggestion="Pass the same architecture (and configuration) the file was quantized from.",
         )
     return model.eval()
+
+
+def dequantized_layer_weight(
+    state: Mapping[str, torch.Tensor], layer: str, config: dict, shape: tuple[int, ...] | None = None
+) -> torch.Tensor | None:
+    """The float weight a saved layer computes with, rebuilt from its stored tensors
+    (``qweight``, ``weight_scale``, ``weight_zero_point``, or the cast ``weight``); None when
+    ``state`` holds no such tensors for ``layer``. ``shape`` restores the weight's shape."""
+    if config.get("kind") == "cast":
+        weight = state.get(f"{layer}.weight")
+        return None if weight is None else weight.float()
+    qweight = state.get(f"{layer}.qweight")
+    if qweight is None:
+        return None
+    cfg = LayerQuantConfig.from_dict(config)
+    q = unpack_int4(qweight) if cfg.bits == 4 else qweight
+    if shape is not None:
+        q = q.reshape(shape)
+    zero_point = state.get(f"{layer}.weight_zero_point")
+    qt = QuantizedTensor(
+        q,
+        state[f"{layer}.weight_scale"],
+        None if zero_point is None else zero_point.to(torch.int32),
+        cfg.weight_spec,
+        cfg.granularity,
+    )
+    return dequantize_weight(qt)
 
 
 # -- tensor-by-tensor quantization (state dicts and files) ---------------------------------------

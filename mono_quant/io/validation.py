@@ -30,8 +30,8 @@ from torch import nn
 from mono_quant.api.exceptions import ConfigurationError, InputError, ValidationError
 from mono_quant.core.calibration import run_batch
 from mono_quant.core.quantizers import model_size_bytes
-from mono_quant.core.schemes import dequantize_weight, sqnr
-from mono_quant.modules import LayerQuantConfig, QuantizedModule
+from mono_quant.core.schemes import sqnr
+from mono_quant.modules import QuantizedModule
 
 __all__ = ["ValidationResult", "validate_quantization"]
 
@@ -98,31 +98,16 @@ def _layer_sqnrs_module(original: nn.Module, quantized: nn.Module) -> dict[str, 
 
 
 def _layer_sqnrs_state(original: Mapping[str, torch.Tensor], quantized: Mapping, layers: dict) -> dict[str, float]:
-    from mono_quant.core.schemes import QuantizedTensor
+    from mono_quant.io.formats import dequantized_layer_weight
 
     out = {}
     for layer, config in layers.items():
         reference = original.get(f"{layer}.weight")
         if reference is None:
             continue
-        if config.get("kind") == "cast":
-            out[layer] = sqnr(reference.float(), quantized[f"{layer}.weight"].float())
-            continue
-        cfg = LayerQuantConfig.from_dict(config)
-        q = quantized[f"{layer}.qweight"]
-        if cfg.bits == 4:
-            from mono_quant.core.schemes import unpack_int4
-
-            q = unpack_int4(q)
-        zp = quantized.get(f"{layer}.weight_zero_point")
-        qt = QuantizedTensor(
-            q.reshape(reference.shape),
-            quantized[f"{layer}.weight_scale"],
-            None if zp is None else zp.to(torch.int32),
-            cfg.weight_spec,
-            cfg.granularity,
-        )
-        out[layer] = sqnr(reference.float(), dequantize_weight(qt))
+        weight = dequantized_layer_weight(quantized, layer, config, tuple(reference.shape))
+        if weight is not None:
+            out[layer] = sqnr(reference.float(), weight)
     return out
 
 
