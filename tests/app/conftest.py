@@ -8,6 +8,7 @@ own with ``make_service``, and tests that must see jobs stay queued use ``paused
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,12 @@ from safetensors.torch import save_file
 from app.client import MonoQuantClient
 from app.config import Settings
 from app.main import create_app
+
+# Worker processes unpickle test-only modules (tests.app.slow_model) by name; spawned workers
+# inherit sys.path, so put the repository on it.
+_REPO = str(Path(__file__).resolve().parents[2])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
 
 
 def settings_for(data_dir: Path, **overrides) -> Settings:
@@ -90,13 +97,26 @@ def tiny_model_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def slow_model_file(tmp_path_factory) -> Path:
-    """A state_dict big enough that int4 quantization runs for seconds (to cancel or kill it)."""
+def slow_job(tmp_path_factory) -> tuple[dict, dict]:
+    """``(files, data)`` of a job that runs for about 10 s whatever the machine: static int8
+    of a pickled :class:`SlowModel` (0.25 s per forward) over 40 calibration batches. Needs a
+    service with ``trusted_inputs=True`` (the model is a pickled module)."""
+    from tests.app.slow_model import CALIBRATION_ROWS, FEATURES, SlowModel
+
+    folder = tmp_path_factory.mktemp("slow")
     torch.manual_seed(1)
-    state = {f"layers.{i}.weight": torch.randn(1024, 1024) for i in range(2)}
-    path = tmp_path_factory.mktemp("models") / "slow.safetensors"
-    save_file(state, str(path))
-    return path
+    torch.save(SlowModel(), folder / "slow.pt")
+    save_file({"input": torch.randn(CALIBRATION_ROWS, FEATURES)}, str(folder / "calibration.safetensors"))
+    files = {
+        "model": ("slow.pt", (folder / "slow.pt").read_bytes(), "application/octet-stream"),
+        "calibration": (
+            "calibration.safetensors",
+            (folder / "calibration.safetensors").read_bytes(),
+            "application/octet-stream",
+        ),
+    }
+    data = {"bits": "8", "dynamic": "false", "num_calibration_samples": str(CALIBRATION_ROWS)}
+    return files, data
 
 
 def upload(path: Path, name: str | None = None) -> dict:

@@ -161,17 +161,19 @@ def test_reusable_uploads_by_id(service, tiny_model_file, tmp_path):
     assert_problem(service.get(f"/v1/models/{model.json()['id']}"), 404, "not-found-error")
 
 
-def test_cancel_running_job_terminates_its_worker(service, slow_model_file, tiny_model_file):
-    job = service.post("/v1/quantize", files=upload(slow_model_file), data={"bits": "4"}).json()
-    running = wait_for(service, job["id"], statuses=("running", "succeeded", "failed"), timeout=60)
-    assert running["status"] == "running"
-    response = service.post(f"/v1/jobs/{job['id']}/cancel")
-    assert response.status_code == 202
-    assert response.json()["cancel_requested"] is True
-    assert wait_for(service, job["id"], timeout=30)["status"] == "cancelled"
-    # the pool recovers: the next job still runs
-    nxt = service.post("/v1/quantize", files=upload(tiny_model_file)).json()
-    assert wait_for(service, nxt["id"])["status"] == "succeeded"
+def test_cancel_running_job_terminates_its_worker(make_service, slow_job, tiny_model_file):
+    with make_service(trusted_inputs=True) as service:
+        files, data = slow_job
+        job = service.post("/v1/quantize", files=files, data=data).json()
+        running = wait_for(service, job["id"], statuses=("running", "succeeded", "failed"), timeout=60)
+        assert running["status"] == "running"
+        response = service.post(f"/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 202
+        assert response.json()["cancel_requested"] is True
+        assert wait_for(service, job["id"], timeout=30)["status"] == "cancelled"
+        # the pool recovers: the next job still runs
+        nxt = service.post("/v1/quantize", files=upload(tiny_model_file)).json()
+        assert wait_for(service, nxt["id"])["status"] == "succeeded"
 
 
 def test_delete_job_removes_it_and_its_files(service, tiny_model_file):

@@ -37,6 +37,7 @@ def _start_server(data_dir: Path, port: int, log: Path) -> subprocess.Popen:
         "MONOQUANT_DATA_DIR": str(data_dir),
         "MONOQUANT_WORKERS": "1",
         "MONOQUANT_DISPATCH_INTERVAL_S": "0.1",
+        "MONOQUANT_TRUSTED_INPUTS": "true",  # the slow job's model is a pickled test module
     }
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port)]
     with open(log, "ab") as output:  # the child keeps its own copy of the descriptor
@@ -53,7 +54,7 @@ def _start_server(data_dir: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_and_restart_loses_nothing(tmp_path, tiny_model_file, slow_model_file):
+def test_kill_and_restart_loses_nothing(tmp_path, tiny_model_file, slow_job):
     port, log = _free_port(), tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path / "data", port, log)
@@ -63,7 +64,7 @@ def test_kill_and_restart_loses_nothing(tmp_path, tiny_model_file, slow_model_fi
             done = wait_for(http, done["id"])
             assert done["status"] == "succeeded"
             before = {a["name"]: a["sha256"] for a in http.get(f"/v1/jobs/{done['id']}/artifacts").json()}
-            interrupted = http.post("/v1/quantize", files=upload(slow_model_file), data={"bits": "4"}).json()
+            interrupted = http.post("/v1/quantize", files=slow_job[0], data=slow_job[1]).json()
             queued = http.post("/v1/quantize", files=upload(tiny_model_file), data={"bits": "4"}).json()
             assert wait_for(http, interrupted["id"], statuses=("running",), timeout=60)["status"] == "running"
             server.send_signal(signal.SIGKILL)

@@ -156,6 +156,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "MONOQUANT_DATA_DIR": str(root / "data"),
             "MONOQUANT_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S),
             "MONOQUANT_LOG_LEVEL": "INFO",
+            "MONOQUANT_TRUSTED_INPUTS": "true",  # the slow test job is a pickled test model
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -21,6 +21,7 @@ from torch import nn
 
 import mono_quant
 from app.client import MonoQuantClient
+from tests.app.slow_model import CALIBRATION_ROWS, FEATURES, SlowModel
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -76,10 +77,14 @@ def _check_artifacts(client: MonoQuantClient, job: dict, model: nn.Module, bits:
     assert report["job_id"] == job["id"]
     assert report["model_sha256"] == listing["model.safetensors"]["sha256"]
 
-    inputs = torch.randn(16, model[0].in_features, generator=torch.Generator().manual_seed(0))
+    if isinstance(model, SlowModel):
+        in_features, skeleton = FEATURES, SlowModel(delay_s=0.0)
+    else:
+        in_features = model[0].in_features
+        skeleton = _mlp(in_features, len([m for m in model if isinstance(m, nn.Linear)]), seed=99)
+    inputs = torch.randn(16, in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(inputs)
-        skeleton = _mlp(model[0].in_features, len([m for m in model if isinstance(m, nn.Linear)]), seed=99)
         quantized = mono_quant.load_quantized(target, skeleton)
         actual = quantized(inputs)
     cosine = torch.nn.functional.cosine_similarity(expected.flatten(), actual.flatten(), dim=0).item()
@@ -114,12 +119,26 @@ def _wait_running(client: MonoQuantClient, job_id: str, timeout: float = 60) -> 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path]]:
     root = tmp_path_factory.mktemp("models")
-    specs = {"small": (64, 2, 1), "medium": (128, 3, 2), "slow": (1024, 6, 3)}
+    specs = {"small": (64, 2, 1), "medium": (128, 3, 2)}
     built = {}
     for name, (width, depth, seed) in specs.items():
         model = _mlp(width, depth, seed)
         built[name] = (model, _save(model, root / f"{name}.safetensors"))
+    # A job that runs ~10 s whatever the machine (to cancel it or kill its worker mid-run):
+    # static int8 of a pickled model whose forward sleeps, over 40 calibration batches.
+    torch.manual_seed(3)
+    slow = SlowModel(delay_s=0.25).eval()
+    torch.save(slow, root / "slow.pt")
+    save_file({"input": torch.randn(CALIBRATION_ROWS, FEATURES)}, root / "calibration.safetensors")
+    built["slow"] = (slow, root / "slow.pt")
     return built
+
+
+def _submit_slow(client: MonoQuantClient, models: dict) -> dict:
+    calibration = models["slow"][1].with_name("calibration.safetensors")
+    return client.submit(
+        models["slow"][1], calibration=calibration, bits=8, dynamic=False, num_calibration_samples=CALIBRATION_ROWS
+    )
 
 
 def test_twenty_jobs_over_two_workers_all_succeed(cluster, models, tmp_path: Path) -> None:
@@ -148,7 +167,7 @@ def test_twenty_jobs_over_two_workers_all_succeed(cluster, models, tmp_path: Pat
 
 def test_cancel_reaches_the_worker_running_the_job(cluster, models) -> None:
     with MonoQuantClient(cluster.api_url, timeout=60) as client:
-        job = client.submit(models["slow"][1], **_params(4))
+        job = _submit_slow(client, models)
         _wait_running(client, job["id"])
         answer = client.cancel(job["id"])
         assert answer["cancel_requested"] is True
@@ -160,12 +179,12 @@ def test_cancel_reaches_the_worker_running_the_job(cluster, models) -> None:
 
 def test_killed_worker_and_restarted_api_lose_nothing(cluster, models, tmp_path: Path) -> None:
     client = MonoQuantClient(cluster.api_url, timeout=60)
-    slow = client.submit(models["slow"][1], **_params(4))
+    slow = _submit_slow(client, models)
     others = [client.submit(models["small"][1], **_params(8 if index % 2 else 4)) for index in range(4)]
     _wait_running(client, slow["id"])
     [victim_pid] = _worker_pids(client, slow["id"])
     victim = cluster.worker_by_pid(victim_pid)
-    time.sleep(0.5)  # well inside the job (it quantizes for seconds)
+    time.sleep(0.5)  # well inside the job (it calibrates for ~10 s)
     os.kill(victim_pid, signal.SIGKILL)
     cluster.workers[victim].wait(10)
     assert client.get_job(slow["id"])["status"] == "running"  # its worker is dead: nobody ends it...
@@ -177,7 +196,7 @@ def test_killed_worker_and_restarted_api_lose_nothing(cluster, models, tmp_path:
     client = MonoQuantClient(cluster.api_url, timeout=60)
     later = [client.submit(models["medium"][1], **_params(8)) for _ in range(2)]
 
-    spec = {slow["id"]: ("slow", 4)}
+    spec = {slow["id"]: ("slow", 8)}
     spec.update({job["id"]: ("small", 8 if index % 2 else 4) for index, job in enumerate(others)})
     spec.update({job["id"]: ("medium", 8) for job in later})
     all_ids = list(spec)
