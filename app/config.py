@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         description="Standard Webhooks signing secret ('whsec_' + base64). "
         "Default: generated once and kept in data_dir/webhook_secret.",
     )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow callback_url hosts on loopback, private, link-local or reserved addresses. Off by "
+        "default: a caller must not make the server probe its own network (SSRF).",
+    )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook delivery attempt.")
     webhook_attempts: int = Field(3, ge=1, le=10, description="Delivery attempts per webhook.")
     dispatch_interval_s: float = Field(0.5, gt=0, description="How often the embedded queue looks for work.")

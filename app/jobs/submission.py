@@ -17,6 +17,7 @@ from app.context import ServiceContext
 from app.errors import NotFoundError, PayloadMismatchError
 from app.inputs import inspect_upload
 from app.jobs.store import BlobRow, IdempotencyRow, IntegrityError, JobRow, canonical_hash
+from app.jobs.webhooks import check_destination
 from app.schemas import QuantizeParams
 from app.uploads import MultipartForm, ReceivedFile
 from mono_quant.api.exceptions import InputError
@@ -121,6 +122,8 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
             suggestion="Send a calibration file (safetensors of input tensors, e.g. input_ids and attention_mask) "
             "or a dataset_id, or use dynamic=true, which needs no data.",
         )
+    if params.callback_url is not None:
+        check_destination(str(params.callback_url), ctx.settings.webhook_allow_private)
     model_blob = _existing_blob(ctx, owner, model_id, "model") if model_id else None
     dataset_blob = _existing_blob(ctx, owner, dataset_id, "dataset") if dataset_id else None
 

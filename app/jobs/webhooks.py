@@ -16,10 +16,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 import httpx
 
 from app.config import Settings
+from mono_quant.api.exceptions import InputError
 
 __all__ = ["resolve_secret", "sign", "verify", "deliver"]
 
@@ -84,9 +87,38 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: in
     return any(hmac.compare_digest(expected, candidate) for candidate in signatures)
 
 
+def check_destination(url: str, allow_private: bool) -> None:
+    """Refuse a callback URL whose host is, or resolves to, a non-public address (loopback,
+    private, link-local, reserved...) unless the operator allows it: the server must not be
+    usable to reach its own network. Raises :class:`InputError` (a 400)."""
+    if allow_private:
+        return
+    host = httpx.URL(url).host
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise InputError(
+            f"callback_url host {host!r} does not resolve",
+            suggestion="Give a callback_url on a public host name or address.",
+        ) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not address.is_global:
+            raise InputError(
+                f"callback_url host {host!r} is a non-public address ({address})",
+                suggestion="Use a public callback_url; operators can allow private hosts with "
+                "MONOQUANT_WEBHOOK_ALLOW_PRIVATE=true.",
+            )
+
+
 def deliver(settings: Settings, url: str, event_type: str, job: dict[str, Any], message_id: str) -> bool:
     """POST ``{"type", "timestamp", "data": job}`` to ``url``, retrying with backoff.
     Returns True once a 2xx answer came back. Never raises: a webhook must not fail a job."""
+    try:  # checked again at delivery: the name may resolve elsewhere by now
+        check_destination(url, settings.webhook_allow_private)
+    except InputError as exc:
+        logger.warning("webhook %s to %s not sent: %s", message_id, url, exc.message)
+        return False
     secret = resolve_secret(settings)
     payload = {"type": event_type, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data": job}
     body = json.dumps(payload, default=str, separators=(",", ":")).encode()

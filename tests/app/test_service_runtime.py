@@ -151,7 +151,7 @@ def test_signed_webhook_on_job_end(make_service, tiny_model_file):
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
     try:
-        with make_service(webhook_secret=secret) as http:
+        with make_service(webhook_secret=secret, webhook_allow_private=True) as http:
             job = http.post("/v1/quantize", files=upload(tiny_model_file), data={"callback_url": url}).json()
             wait_for(http, job["id"])
             deadline = time.monotonic() + 20
@@ -168,3 +168,14 @@ def test_signed_webhook_on_job_end(make_service, tiny_model_file):
     assert payload["type"] == "job.succeeded"
     assert payload["data"]["id"] == job["id"] and payload["data"]["status"] == "succeeded"
     assert {a["name"] for a in payload["data"]["artifacts"]} == {"model.safetensors", "report.json"}
+
+
+def test_callback_url_on_a_private_address_is_refused_by_default(make_service, tiny_model_file):
+    with make_service() as http:
+        for url in ("http://127.0.0.1:9/hook", "http://10.1.2.3/hook", "http://localhost/hook"):
+            response = http.post("/v1/quantize", files=upload(tiny_model_file), data={"callback_url": url})
+            assert response.status_code == 400, response.text
+            body = response.json()
+            assert "non-public address" in body["detail"]
+            assert "MONOQUANT_WEBHOOK_ALLOW_PRIVATE" in body["suggestion"]
+        assert http.get("/v1/jobs").json()["items"] == []
