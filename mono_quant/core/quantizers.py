@@ -94,10 +94,12 @@ class QuantizationInfo:
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (shared tensors counted once)."""
+    """Bytes of every parameter and buffer (shared tensors counted once), and of the weights a
+    quantized layer holds in a kernel's own packed form."""
     seen: set[int] = set()
     total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    kernel = [t for m in model.modules() if hasattr(m, "kernel_tensors") for t in m.kernel_tensors()]
+    for tensor in list(model.parameters()) + list(model.buffers()) + kernel:
         if tensor.device.type == "meta" or id(tensor) in seen:
             continue
         seen.add(id(tensor))

@@ -180,6 +180,10 @@ class QuantizedModule(nn.Module):
             zp_dtype = torch.uint8 if spec.bits == 4 else torch.int8
             self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=zp_dtype, device=device))
 
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """Tensors a kernel holds outside the buffers (e.g. a prepacked weight), for sizes."""
+        return []
+
     def _canonical_qweight(self) -> torch.Tensor:
         """``qweight`` in the documented layout (a layer may keep a kernel's layout in memory)."""
         return self.qweight

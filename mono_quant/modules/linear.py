@@ -28,6 +28,8 @@ from mono_quant.modules.kernels import (
 
 __all__ = ["QuantizedLinear"]
 
+_KERNEL_CACHES = ("_onednn_cache", "_tinygemm_cache", "_scales_and_zeros_cache")
+
 
 @register_quantized_module(nn.Linear)
 class QuantizedLinear(QuantizedModule):
@@ -53,9 +55,7 @@ class QuantizedLinear(QuantizedModule):
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
-        # int4 on the CPU keeps ``qweight`` in the layout of torch's CPU int4 kernel (same size);
-        # state_dict() and dequantized_weight() always see the documented layout.
-        self.qweight_layout = "packed"
+        self.qweight_layout = "packed"  # see "weight layouts" below
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -83,7 +83,6 @@ class QuantizedLinear(QuantizedModule):
         return layer
 
     def _finish(self, bias: torch.Tensor | None, input_qparams) -> None:
-        self._adopt_cpu_int4_layout()
         bias = None if bias is None else bias.detach().clone().float()
         self.register_buffer("bias", bias)
         if self.config.activation == "static":
@@ -94,60 +93,62 @@ class QuantizedLinear(QuantizedModule):
             self.register_buffer("input_zero_point", zero_point.detach().to(torch.int32).reshape(()).clone())
             # sum_k w_nk, needed to fold the activation zero point out of the integer product
             self.register_buffer("weight_col_sum", self.qweight.sum(dim=1, dtype=torch.int32), persistent=False)
+        self._adopt_kernel_layout()
 
+    # -- weight layouts ----------------------------------------------------------------------
+    # ``qweight_layout`` says what ``qweight`` holds in memory:
+    #   "packed"    the documented layout (int8 [N, K], or int4 two per byte [N, K // 2]);
+    #   "cpu_int4"  int4 in the block layout of torch's CPU int4 kernel (same size);
+    #   "onednn"    int8 prepacked for oneDNN, kept in ``_onednn_cache``; ``qweight`` is then an
+    #               empty placeholder, so the weight is held once, not twice.
+    # state_dict(), dequantized_weight(), pickling and device moves always see the documented
+    # layout; the kernel layout is (re)adopted after construction, loading and moves.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._materialize()  # copy into a buffer of the documented shape
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._drop_kernel_caches()
-        self.qweight_layout = "packed"  # what was just copied in is the documented layout
-        self._adopt_cpu_int4_layout()
         if self.config.activation == "static":
             self.weight_col_sum = self.qweight.sum(dim=1, dtype=torch.int32)
+        self._adopt_kernel_layout()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.qweight_layout != "packed":
             destination[prefix + "qweight"] = self._canonical_qweight()
 
-    # -- derived kernel operands (caches: rebuilt when the weight or its device changes) -----
-    def _drop_kernel_caches(self) -> None:
-        for name in ("_onednn_cache", "_tinygemm_cache", "_scales_and_zeros_cache"):
-            self.__dict__.pop(name, None)
-
     def _apply(self, fn, recurse=True):
-        self._drop_kernel_caches()
-        return super()._apply(fn, recurse)
+        self._materialize()
+        result = super()._apply(fn, recurse)
+        self._adopt_kernel_layout()
+        return result
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        for name in ("_onednn_cache", "_tinygemm_cache", "_scales_and_zeros_cache"):
+        for name in _KERNEL_CACHES:
             state.pop(name, None)  # opaque kernel tensors cannot be copied or pickled
+        if self.qweight_layout != "packed":
+            state["_buffers"] = {**state["_buffers"], "qweight": self._canonical_qweight()}
+            state["qweight_layout"] = "packed"
         return state
 
-    def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The int8 weight packed for oneDNN (CPU, symmetric per-channel int8), with the
-        int64 zero points the kernel takes; None where the kernel does not apply."""
-        cached = self.__dict__.get("_onednn_cache")
-        if cached is not None:
-            return cached
-        packed = None
-        if (
-            self.config.bits == 8
-            and self.weight_zero_point is None
-            and self.qweight.device.type == "cpu"
-            and onednn_int8_available()
-        ):
-            try:
-                packed = (
-                    onednn_prepack(self.qweight),
-                    torch.zeros(self.out_features, dtype=torch.int64),
-                )
-            except RuntimeError:
-                packed = None
-        # False marks "tried, not available" so the check is not repeated every call
-        object.__setattr__(self, "_onednn_cache", packed if packed is not None else False)
-        return packed
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._adopt_kernel_layout()
 
-    # -- int4 weight layouts -----------------------------------------------------------------
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        packed = self.__dict__.get("_onednn_cache")
+        return [packed[0]] if packed else []
+
+    def _drop_kernel_caches(self) -> None:
+        for name in _KERNEL_CACHES:
+            self.__dict__.pop(name, None)
+
+    def _materialize(self) -> None:
+        """Back to the documented layout (undoing :meth:`_adopt_kernel_layout`)."""
+        if self.qweight_layout != "packed":
+            self.qweight = self._canonical_qweight()
+            self.qweight_layout = "packed"
+        self._drop_kernel_caches()
+
     def _cpu_int4_eligible(self) -> bool:
         return (
             self.config.bits == 4
@@ -155,15 +156,35 @@ class QuantizedLinear(QuantizedModule):
             and cpu_int4_supported(self.out_features, self.in_features, self.config.group_size)
         )
 
-    def _adopt_cpu_int4_layout(self) -> None:
-        """On the CPU, switch an int4 weight to the CPU kernel's layout (once; same memory)."""
-        if self.qweight_layout == "packed" and self.qweight.device.type == "cpu" and self._cpu_int4_eligible():
+    def _onednn_eligible(self) -> bool:
+        return self.config.bits == 8 and self.weight_zero_point is None and onednn_int8_available()
+
+    def _adopt_kernel_layout(self) -> None:
+        """On the CPU, hold the weight in the layout of the kernel that runs it (same size)."""
+        if self.qweight_layout != "packed" or self.qweight.device.type != "cpu":
+            return
+        if self._cpu_int4_eligible():
             self.qweight = to_cpu_int4_layout(self.qweight)
             self.qweight_layout = "cpu_int4"
+        elif self._onednn_eligible():
+            try:
+                packed = onednn_prepack(self.qweight)
+            except RuntimeError:  # this build's oneDNN refuses the shape: stay on _int_mm
+                return
+            zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+            object.__setattr__(self, "_onednn_cache", (packed, zero_points))
+            self.qweight = torch.empty(0, dtype=torch.int8)
+            self.qweight_layout = "onednn"
+
+    def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(prepacked weight, int64 zero points)`` when the oneDNN layout is in use."""
+        return self.__dict__.get("_onednn_cache") if self.qweight_layout == "onednn" else None
 
     def _canonical_qweight(self) -> torch.Tensor:
         if self.qweight_layout == "cpu_int4":
             return from_cpu_int4_layout(self.qweight)
+        if self.qweight_layout == "onednn":
+            return self._onednn_cache[0].to_dense().t().contiguous()  # the packed tensor is [K, N]
         return self.qweight
 
     def _scales_and_zeros(self) -> torch.Tensor:
@@ -215,8 +236,7 @@ class QuantizedLinear(QuantizedModule):
                 return tinygemm_linear(x2d, *packed, self.config.group_size, self.bias)
         if x2d.device.type != "cpu":
             return self._forward_dequantized(x2d)
-        if self._cpu_int4_eligible():
-            self._adopt_cpu_int4_layout()  # e.g. after a move back from CUDA
+        if self.qweight_layout == "cpu_int4":
             return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.config.group_size, self.bias)
         terms = 1 if self.config.activation == "dynamic" else 2
         return int4_grouped_linear(

@@ -50,12 +50,15 @@ def x() -> torch.Tensor:
 # -- storage ----------------------------------------------------------------------------------------
 def test_int8_stores_int8_weights_and_per_channel_scales(linear):
     layer = QuantizedLinear.from_float(linear, LayerQuantConfig(bits=8, symmetric=True))
-    assert layer.qweight.dtype == torch.int8 and layer.qweight.shape == (OUT, IN)
+    # in memory the weight may live in a kernel's packed form; the documented layout is int8 [N, K]
+    weight = layer._canonical_qweight()
+    assert weight.dtype == torch.int8 and weight.shape == (OUT, IN)
+    assert all(t.dtype == torch.int8 for t in layer.kernel_tensors())
     assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (OUT,)
     assert layer.weight_zero_point is None
     assert "weight" not in dict(layer.named_parameters()) and list(layer.parameters()) == []
     state = layer.state_dict()
-    assert state["qweight"].dtype == torch.int8
+    assert state["qweight"].dtype == torch.int8 and state["qweight"].shape == (OUT, IN)
     assert set(state) == {"qweight", "weight_scale", "bias"}
 
 
