@@ -1,23 +1,26 @@
 """Matmul kernels behind the quantized layers' forward, chosen per device.
 
-Measured on this project's CPU (AVX-512 VNNI, torch 2.13, 2 threads) on a 4096x4096 layer:
-``torch._int_mm`` (oneDNN, int32 accumulate) is 2.3x faster than fp32 at batch 1, 6x at 32
-and 4.7x at 256 when the weight operand is ``[K, N]`` contiguous; while converting an int8
-weight to float costs *more* than the fp32 matmul itself (22 ms for 16M elements), and
-``torch._weight_int8pack_mm`` is 2-30x slower than fp32. So on the CPU every int8 and int4
-path runs on ``_int_mm``:
+Measured on this project's CPU (Zen 4: AVX-512 VNNI and BF16, no AMX; torch 2.13, 2 threads)
+on a 4096x4096 layer, batch 1 / 32 / 256 (fp32: 3.5 / 12.8 / 55 ms):
 
-* dynamic:      activations quantized per token to int8 (one term).
-* weight-only:  activations split per token into two int8 terms, ``x ~ s (a + b / 254)``,
-                stacked into one ``_int_mm`` call; the activation is then represented to
-                about 1/64000 of its row maximum, so the only error left is the weights'.
-* int4 groups:  two ``_int_mm`` per group of ``group_size`` input features (even and odd
-                features, read straight from the packed bytes), each group's partial result
-                scaled by that group's weight scales and accumulated.
+* int8 x int8 -> oneDNN's ``qlinear_pointwise`` with the weight prepacked once:
+  0.16 / 1.36 / 10.5 ms. ``torch._int_mm`` reaches 0.9 / 2.1 / 13.8 ms (it re-packs the
+  weight on every call), ``torch._weight_int8pack_mm`` is 2-40x slower than fp32, and
+  dequantizing an int8 weight to float costs more than the fp32 matmul itself.
+    - dynamic:     activations quantized per token to int8 (one term).
+    - weight-only: activations split per token into two int8 terms, ``x ~ s (a + b / 254)``,
+                   stacked into one call: about 1/64000 of the row maximum, so the only error
+                   left is the weights'.
+    - static:      the calibrated per-tensor qparams, zero point passed to the kernel.
+* int4 -> ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations, the weight held in
+  that kernel's block layout: 0.46 / 6.3 / 50 ms (with fp32 activations the same kernel is
+  ~70x slower, which is what earlier notes measured). Shapes it cannot take fall back to
+  :func:`int4_grouped_linear` on ``_int_mm``.
 
-On CUDA, weight-only layers dequantize to the activation dtype and use the tensor-core matmul
-(memory-bound weights are still read as int8/int4), and int8 x int8 uses ``_int_mm`` where its
-shape rules hold (M > 16, K and N multiples of 8).
+``_int_mm`` (:func:`int8_linear`) remains the fallback for asymmetric int8 weights and torch
+builds without oneDNN. On CUDA, int8 x int8 uses ``_int_mm`` where its shape rules hold
+(M > 16, K and N multiples of 8), int4 uses tinygemm (``_weight_int4pack_mm``) for bf16
+inputs, and the rest dequantize to the activation dtype for the tensor-core matmul.
 """
 
 from __future__ import annotations
