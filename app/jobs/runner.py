@@ -108,26 +108,20 @@ def _load_model(job: JobRow, store: JobStore, storage: Storage, work_dir: Path) 
 
 
 def _load_calibration(job: JobRow, storage: Storage) -> Any:
+    """The job's calibration inputs: one tensor, or a dict of keyword inputs (``input_ids``,
+    ``attention_mask``...) whose first dimension indexes samples; the library batches both."""
     if job.dataset_blob_id is None:
         return None
     from mono_quant.io.hf import load_calibration_file
 
-    data = load_calibration_file(storage.blob_path(job.dataset_blob_id))
-    if isinstance(data, dict):
-        # dict inputs (input_ids, attention_mask...) go to the model as keyword batches
-        rows = next(iter(data.values())).shape[0]
-        return [
-            {name: tensor[start : start + _CALIBRATION_BATCH] for name, tensor in data.items()}
-            for start in range(0, rows, _CALIBRATION_BATCH)
-        ]
-    return data
+    return load_calibration_file(storage.blob_path(job.dataset_blob_id))
 
 
 def _validation_sample(calibration: Any) -> Any:
     if calibration is None:
         return None
-    if isinstance(calibration, list):
-        return {name: tensor[:_VALIDATION_ROWS] for name, tensor in calibration[0].items()}
+    if isinstance(calibration, dict):
+        return {name: tensor[:_VALIDATION_ROWS] for name, tensor in calibration.items()}
     return calibration[:_VALIDATION_ROWS]
 
 
@@ -158,7 +152,11 @@ def _execute(
     else:
         model = model.to(device)  # a model this worker built itself
     result = mono_quant.quantize(
-        model, calibration_data=None if params.dynamic else calibration, progress_callback=reporter, **kwargs
+        model,
+        calibration_data=None if params.dynamic else calibration,
+        progress_callback=reporter,
+        calibration_batch_size=_CALIBRATION_BATCH,
+        **kwargs,
     )
     timings["quantize_s"] = time.perf_counter() - started
     if not result.success:

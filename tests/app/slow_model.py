@@ -10,7 +10,7 @@ import time
 
 from torch import nn
 
-CALIBRATION_ROWS = 32 * 40  # 40 calibration batches of 32 rows
+CALIBRATION_ROWS = 16 * 40  # 40 calibration batches of 16 rows (the runner batches by 16)
 FEATURES = 64
 
 
