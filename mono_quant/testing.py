@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SENTENCES", "minilm_dir", "load_minilm", "tokenize", "embed", "cosine_stats"]
+__all__ = ["SENTENCES", "minilm_dir", "load_minilm", "tokenize", "embed", "cosine_stats", "TinyLSTMModel"]
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -117,3 +117,20 @@ def cosine_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, 
     """Mean and minimum row-wise cosine similarity."""
     cos = torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=-1)
     return {"mean": float(cos.mean()), "min": float(cos.min())}
+
+
+class TinyLSTMModel(torch.nn.Module):
+    """Embedding -> 2-layer LSTM -> Linear on the last step: token ids [B, T] -> [B, 5].
+
+    A small model with every recurrent layer kind the quantizers handle, for tests.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(50, 32)
+        self.lstm = torch.nn.LSTM(32, 64, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(64, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embedding(tokens))
+        return self.head(out[:, -1])

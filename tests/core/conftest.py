@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from mono_quant.testing import TinyLSTMModel
+
 
 class SmallCNN(nn.Module):
     """Conv2d + BatchNorm blocks, pooling and a Linear head: 3x16x16 images -> 10 classes."""
@@ -25,20 +27,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)).flatten(1))
-
-
-class SmallLSTMModel(nn.Module):
-    """Embedding -> 2-layer LSTM -> Linear on the last step: token ids [B, T] -> [B, 5]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(50, 32)
-        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True)
-        self.head = nn.Linear(64, 5)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embedding(tokens))
-        return self.head(out[:, -1])
 
 
 class TwoInputModel(nn.Module):
@@ -77,7 +65,7 @@ def cnn() -> nn.Module:
 @pytest.fixture
 def lstm_model() -> nn.Module:
     torch.manual_seed(0)
-    return SmallLSTMModel().eval()
+    return TinyLSTMModel().eval()
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from mono_quant.testing import TinyLSTMModel
+
 
 class MLP(nn.Module):
     """128 -> 128 -> 64 -> 10; in_features divisible by the int4 group sizes used here."""
@@ -42,24 +44,10 @@ class CNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-class LSTMModel(nn.Module):
-    """Embedding -> 2-layer LSTM -> Linear on the last step: token ids [B, T] -> [B, 5]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(50, 32)
-        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True)
-        self.head = nn.Linear(64, 5)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embedding(tokens))
-        return self.head(out[:, -1])
-
-
 ARCHITECTURES: dict[str, tuple[type[nn.Module], Callable[[int], torch.Tensor]]] = {
     "mlp": (MLP, lambda n: torch.randn(n, 128)),
     "cnn": (CNN, lambda n: torch.randn(n, 3, 16, 16)),
-    "lstm": (LSTMModel, lambda n: torch.randint(0, 50, (n, 7))),
+    "lstm": (TinyLSTMModel, lambda n: torch.randint(0, 50, (n, 7))),
 }
 
 
