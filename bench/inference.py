@@ -97,6 +97,21 @@ def report(scope: str, batch: int, samples: dict[str, list[float]], extra: dict[
         )
 
 
+def probe_modes(modes: dict, probe) -> tuple[dict, dict, dict]:
+    """Run ``probe(model) -> (extra fields, timed call)`` on each built mode; a mode that failed
+    to build or to run goes to ``errors`` instead of stopping the benchmark."""
+    calls, extra, errors = {}, {}, {}
+    for name, qmodel in modes.items():
+        if isinstance(qmodel, Exception):
+            errors[name] = qmodel
+            continue
+        try:
+            extra[name], calls[name] = probe(qmodel)
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = exc
+    return calls, extra, errors
+
+
 @torch.inference_mode()
 def bench_layer(rounds: int, min_sample_s: float, batches: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -105,16 +120,9 @@ def bench_layer(rounds: int, min_sample_s: float, batches: tuple[int, ...]) -> N
     for batch in batches:
         x = torch.randn(batch, FEATURES)
         reference = model(x)
-        calls, extra, errors = {}, {}, {}
-        for name, qmodel in modes.items():
-            if isinstance(qmodel, Exception):
-                errors[name] = qmodel
-                continue
-            try:
-                extra[name] = {"output_cosine": cosine(reference, qmodel(x))}
-                calls[name] = lambda m=qmodel, inp=x: m(inp)
-            except Exception as exc:  # noqa: BLE001
-                errors[name] = exc
+        calls, extra, errors = probe_modes(
+            modes, lambda m, inp=x, ref=reference: ({"output_cosine": cosine(ref, m(inp))}, lambda: m(inp))
+        )
         samples = time_modes(calls, rounds, min_sample_s)
         report("linear4096", batch, samples, extra, errors)
 
@@ -133,17 +141,12 @@ def bench_minilm(rounds: int, min_sample_s: float) -> None:
     batch = tokenize(tokenizer, [s for s, _ in zip(_sentences(), range(MINILM_BATCH), strict=False)])
     reference = embed(model, everything)
     modes = build_modes(model)
-    calls, extra, errors = {}, {}, {}
-    for name, qmodel in modes.items():
-        if isinstance(qmodel, Exception):
-            errors[name] = qmodel
-            continue
-        try:
-            cos = torch.nn.functional.cosine_similarity(reference, embed(qmodel, everything), dim=-1)
-            extra[name] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
-            calls[name] = lambda m=qmodel: m(**batch)
-        except Exception as exc:  # noqa: BLE001
-            errors[name] = exc
+
+    def probe(m):
+        cos = torch.nn.functional.cosine_similarity(reference, embed(m, everything), dim=-1)
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}, lambda: m(**batch)
+
+    calls, extra, errors = probe_modes(modes, probe)
     samples = time_modes(calls, rounds, min_sample_s)
     for name in extra:
         extra[name]["seq_len"] = int(batch["input_ids"].shape[1])
