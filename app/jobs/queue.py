@@ -26,7 +26,7 @@ from typing import Protocol
 
 from app.config import Settings
 from app.jobs.store import JobStore
-from mono_quant.api.exceptions import ConfigurationError
+from mono_quant.errors import ConfigurationError
 
 __all__ = ["QueueBackend", "register_queue", "create_queue", "QUEUE_BACKENDS"]
 

@@ -29,7 +29,7 @@ from app.jobs.views import job_model
 from app.jobs.webhooks import deliver
 from app.schemas import QuantizeParams
 from app.storage import ARTIFACT_MEDIA_TYPES, Storage
-from mono_quant.api.exceptions import InputError, MonoQuantError, QuantizationError
+from mono_quant.errors import InputError, MonoQuantError, QuantizationError
 
 __all__ = ["JobCancelled", "run_job", "notify_job_end"]
 

@@ -20,7 +20,7 @@ from app.jobs.store import BlobRow, IdempotencyRow, IntegrityError, JobRow, cano
 from app.jobs.webhooks import check_destination
 from app.schemas import QuantizeParams
 from app.uploads import MultipartForm, ReceivedFile
-from mono_quant.api.exceptions import InputError
+from mono_quant.errors import InputError
 
 __all__ = ["QUANTIZE_FILE_FIELDS", "UPLOAD_FILE_FIELDS", "Submitted", "submit_job", "submit_upload"]
 

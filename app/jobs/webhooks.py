@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from app.config import Settings
-from mono_quant.api.exceptions import InputError
+from mono_quant.errors import InputError
 
 __all__ = ["resolve_secret", "sign", "verify", "deliver"]
 

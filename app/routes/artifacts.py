@@ -14,7 +14,7 @@ from app.jobs.store import ArtifactRow
 from app.jobs.views import artifact_model
 from app.routes.jobs import _job_or_404
 from app.schemas import Artifact
-from mono_quant.api.exceptions import InputError
+from mono_quant.errors import InputError
 
 router = APIRouter(tags=["artifacts"])
 _RANGE = re.compile(r"^bytes=(\d*-\d*)(,\s*\d*-\d*)*$")

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError, InputError, MonoQuantError
 from mono_quant.api.result import QuantizationResult
 from mono_quant.core.config import resolve_dtype
 from mono_quant.core.progress import Progress
 from mono_quant.core.quantizers import QuantizationInfo, dynamic_quantize, static_quantize
 from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS
+from mono_quant.errors import ConfigurationError, InputError, MonoQuantError
 from mono_quant.io.formats import _make_plan, quantize_state_dict
 from mono_quant.io.handlers import prepare_model
 

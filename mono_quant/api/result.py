@@ -47,7 +47,7 @@ class QuantizationResult:
 
     def _require_model(self, action: str):
         if not self.success or self.model is None:
-            from mono_quant.api.exceptions import QuantizationError
+            from mono_quant.errors import QuantizationError
 
             raise QuantizationError(
                 f"cannot {action}: quantization failed ({'; '.join(self.errors) or 'no model'})",

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from mono_quant.api.exceptions import ConfigurationError, InputError, MonoQuantError
+from mono_quant.errors import ConfigurationError, InputError, MonoQuantError
 
 
 def _fail(exc: BaseException, verbose: bool) -> None:

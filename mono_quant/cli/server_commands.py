@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from mono_quant.api.exceptions import InputError
 from mono_quant.cli.main import cli
+from mono_quant.errors import InputError
 
 
 def _load(module: str):

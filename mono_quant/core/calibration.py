@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mono_quant.api.exceptions import InputError
+from mono_quant.errors import InputError
 
 __all__ = ["iter_calibration_batches", "run_batch", "count_batches"]
 

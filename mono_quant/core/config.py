@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mono_quant.api.exceptions import ConfigurationError
+from mono_quant.errors import ConfigurationError
 
 __all__ = ["QuantizationConfig", "resolve_dtype", "VALID_DTYPES"]
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from mono_quant.api.exceptions import ConfigurationError, InputError
 from mono_quant.core.schemes import QuantSpec, choose_qparams
+from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = [
     "Observer",

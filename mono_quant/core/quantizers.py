@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError, InputError, MonoQuantError, QuantizationError
 from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_batch
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, INT8_ASYMMETRIC, INT8_SYMMETRIC
 from mono_quant.core.selection import LayerSelection, SkippedLayer, select_layers
+from mono_quant.errors import ConfigurationError, InputError, MonoQuantError, QuantizationError
 from mono_quant.modules import LayerQuantConfig, quantized_class_for
 
 __all__ = [

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mono_quant.api.exceptions import ConfigurationError, InputError
+from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = [
     "QuantSpec",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError
+from mono_quant.errors import ConfigurationError
 
 __all__ = ["LAYER_TYPES", "DEFAULT_LAYER_TYPES", "LayerSelection", "SkippedLayer", "select_layers"]
 

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError, InputError
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.quantizers import QuantizationInfo, _cast_input_hook, _set_submodule, cast_hooks
 from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, QuantizedTensor, dequantize_weight, unpack_int4
 from mono_quant.core.selection import _as_tuple, _compile
-from mono_quant.io.handlers import _torch_load_weights_only, load_state_dict_file, read_safetensors_header, sniff_format
+from mono_quant.errors import ConfigurationError, InputError
+from mono_quant.io.handlers import _torch_load_weights_only, load_model, read_safetensors_header, sniff_format
 from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
 from mono_quant.modules.base import quantize_weight_tensors
 
@@ -158,15 +158,6 @@ def save_model(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def load_model(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state_dict safely (safetensors, or ``torch.load(weights_only=True)``).
-
-    A pickled whole module is refused with UnsupportedFormatError; a corrupt or truncated
-    file raises InputError.
-    """
-    return load_state_dict_file(path)  # trusted=False: always a state_dict, never a module
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import InputError, UnsupportedFormatError
+from mono_quant.errors import InputError, UnsupportedFormatError
 
 __all__ = [
     "SAFETENSORS_DTYPES",
@@ -35,6 +35,7 @@ __all__ = [
     "load_state_dict_file",
     "inspect_model_file",
     "prepare_model",
+    "load_model",
 ]
 
 # safetensors dtype name -> bytes per element
@@ -281,3 +282,14 @@ def prepare_model(model: Any, trusted: bool = False) -> nn.Module | dict[str, to
 
 # kept for the name DESIGN.md uses
 _prepare_model = prepare_model
+
+
+def load_model(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state_dict safely: safetensors, or ``torch.load(weights_only=True)``; a pickled
+    whole module is refused with UnsupportedFormatError (``mono_quant.io.formats.load_model``
+    is the same function).
+
+    Example:
+        >>> state_dict = load_model("model.safetensors")  # doctest: +SKIP
+    """
+    return load_state_dict_file(path)  # trusted=False: always a state_dict, never a module

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import InputError
+from mono_quant.errors import InputError
 from mono_quant.io.handlers import load_state_dict_file
 
 __all__ = ["is_hf_folder", "load_hf_folder", "load_calibration_file"]

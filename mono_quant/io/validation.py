@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError, InputError, ValidationError
 from mono_quant.core.calibration import run_batch
 from mono_quant.core.quantizers import model_size_bytes
 from mono_quant.core.schemes import sqnr
+from mono_quant.errors import ConfigurationError, InputError, ValidationError
 from mono_quant.modules import QuantizedModule
 
 __all__ = ["ValidationResult", "validate_quantization"]

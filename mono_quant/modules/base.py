@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError
 from mono_quant.core.schemes import (
     Granularity,
     PerChannel,
@@ -36,6 +35,7 @@ from mono_quant.core.schemes import (
     quantize_weight,
     unpack_int4,
 )
+from mono_quant.errors import ConfigurationError
 
 __all__ = [
     "ACTIVATION_MODES",

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mono_quant.api.exceptions import ConfigurationError
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC
+from mono_quant.errors import ConfigurationError
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 
 __all__ = ["QuantizedConv1d", "QuantizedConv2d"]

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mono_quant.api.exceptions import ConfigurationError
 from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, quantize_weight
+from mono_quant.errors import ConfigurationError
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 
 __all__ = ["QuantizedLSTM", "QuantizedGRU"]
