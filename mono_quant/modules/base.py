@@ -144,6 +144,13 @@ class QuantizedModule(nn.Module):
         """The float weight this layer computes with (for validation and SQNR)."""
         return dequantize_weight(self._weight_tensor())
 
+    def quantized_weight(self) -> QuantizedTensor:
+        """The weight as integers plus qparams, in the documented layout whatever the kernel
+        holds in memory: ``qdata`` unpacked (int8, or uint8 0..15 for int4) of the weight's
+        shape, ``scale`` / ``zero_point`` per channel ``[out]`` or per group ``[out, groups]``.
+        What exporters read."""
+        return self._weight_tensor()
+
     def metadata(self) -> dict:
         """What a file needs to rebuild this layer: its kind and config."""
         return {"kind": type(self).__name__, **self.config.to_dict()}

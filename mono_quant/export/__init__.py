@@ -1,0 +1,57 @@
+"""Exports to the formats serving stacks load: one module per foreign format.
+
+Each format module defines ``FORMAT``, an :class:`ExportFormat`: its name, the file or folder
+it writes, a ``check`` that refuses modes the format cannot represent (ConfigurationError
+naming the modes it can; called before any work, so the service can answer 422 at
+submission), and ``export`` that writes the file from a quantized model. Exporters read the
+quantized layers (``QuantizedModule.config`` and ``quantized_weight()``): they never decide
+per layer again.
+
+Example:
+    >>> result = quantize(model, bits=4)                      # doctest: +SKIP
+    >>> result.save("model.gguf", format="gguf", tokenizer=tok)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mono_quant.errors import ConfigurationError
+
+__all__ = ["ExportFormat", "EXPORT_FORMATS", "get_format", "ARTIFACT_NAMES"]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A foreign format: ``check(info_or_options)`` raises ConfigurationError for what it
+    cannot represent; ``export(model, path, **kwargs)`` writes it and returns the path."""
+
+    name: str
+    artifact_name: str  # what the service calls the artifact (a folder is zipped)
+    consumers: str  # who loads it, for error messages and docs
+    check: Callable[..., None]
+    export: Callable[..., Any]
+
+
+# format name -> module defining FORMAT (imported on first use: each needs its own packages)
+_FORMAT_MODULES = {
+    "compressed-tensors": "mono_quant.export.compressed_tensors",
+    "gguf": "mono_quant.export.gguf",
+    "onnx": "mono_quant.export.onnx",
+}
+EXPORT_FORMATS = tuple(_FORMAT_MODULES)
+ARTIFACT_NAMES = {"compressed-tensors": "compressed-tensors.zip", "gguf": "model.gguf", "onnx": "model.onnx"}
+
+
+def get_format(name: str) -> ExportFormat:
+    """The :class:`ExportFormat` called ``name``; ConfigurationError listing the valid ones."""
+    module = _FORMAT_MODULES.get(name)
+    if module is None:
+        raise ConfigurationError(
+            f"unknown export format {name!r}",
+            suggestion=f"Use one of: {', '.join(EXPORT_FORMATS)} (or no format for mono_quant's safetensors).",
+        )
+    return importlib.import_module(module).FORMAT
