@@ -54,13 +54,54 @@ class QuantizationResult:
                 suggestion="Fix the error above and quantize again.",
             )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the quantized model (real low-bit tensors + metadata) to ``path``."""
-        from mono_quant.io.formats import save_model
+    def save(
+        self,
+        path: str | os.PathLike,
+        format: str | None = None,
+        *,
+        tokenizer: Any = None,
+        sample_inputs: Any = None,
+    ) -> Path:
+        """Write the quantized model to ``path``; returns the path written.
 
+        ``format=None``: mono_quant's safetensors (real low-bit tensors + metadata, loaded by
+        :func:`mono_quant.load_quantized`). Otherwise one of
+        :data:`mono_quant.export.EXPORT_FORMATS`: ``"compressed-tensors"`` (a Hugging Face
+        folder for transformers / vLLM), ``"gguf"`` (llama.cpp) or ``"onnx"`` (ONNX
+        Runtime). ``tokenizer`` (a transformers tokenizer or a folder) is used by the
+        formats that embed one; ``sample_inputs`` (a dict of tensors or a tuple for the
+        model's forward) by ONNX's tracing. A mode the format cannot represent raises
+        ConfigurationError naming the modes it can.
+
+        Example:
+            >>> result.save("out_dir", format="compressed-tensors", tokenizer=tok)  # doctest: +SKIP
+        """
         self._require_model("save")
-        layers = None if isinstance(self.model, nn.Module) else self.layers
-        return save_model(self.model, path, self.info, layers=layers)
+        if format is None:
+            from mono_quant.io.formats import save_model
+
+            for name, value in (("tokenizer", tokenizer), ("sample_inputs", sample_inputs)):
+                if value is not None:
+                    from mono_quant.errors import ConfigurationError
+
+                    raise ConfigurationError(
+                        f"{name} is used by the export formats, not by mono_quant's own safetensors file",
+                        suggestion="Pass format='compressed-tensors', 'gguf' or 'onnx', or drop the argument.",
+                    )
+            layers = None if isinstance(self.model, nn.Module) else self.layers
+            return save_model(self.model, path, self.info, layers=layers)
+        from mono_quant.export import get_format
+
+        exporter = get_format(format)
+        exporter.check(self.info)
+        return exporter.export(
+            self.model,
+            path,
+            original=self.original,
+            info=self.info,
+            tokenizer=tokenizer,
+            sample_inputs=sample_inputs,
+        )
 
     def validate(self, sample_inputs: Any = None, on_failure: str = "error", **kwargs):
         """Run :func:`mono_quant.validate_quantization` against the original model; the
