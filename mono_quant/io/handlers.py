@@ -21,7 +21,7 @@ import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -30,7 +30,9 @@ from mono_quant.errors import InputError, UnsupportedFormatError
 
 __all__ = [
     "SAFETENSORS_DTYPES",
+    "parse_safetensors_header",
     "read_safetensors_header",
+    "read_safetensors_header_from",
     "sniff_format",
     "load_state_dict_file",
     "inspect_model_file",
@@ -46,77 +48,177 @@ SAFETENSORS_DTYPES = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A parsed header costs far more memory than its bytes (one dict per tensor): 1.7 M empty
+# tensors in 100 MB of JSON take over 1 GiB. The tensor count is bounded before parsing.
+_MAX_TENSORS = 1_000_000
 _EXPORT_HINT = (
     "Save a state_dict to safetensors instead: "
     "`from safetensors.torch import save_file; save_file(model.state_dict(), 'model.safetensors')`."
 )
 
 
-def _corrupt(path: Path, why: str) -> InputError:
+def _corrupt(name: str, why: str) -> InputError:
     return InputError(
-        f"{path.name} is not a valid safetensors file: {why}",
+        f"{name} is not a valid safetensors file: {why}",
         suggestion="Re-export the file (safetensors.torch.save_file); it may be truncated or corrupt.",
     )
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+class _HeaderTooBig(Exception):
+    pass
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _strict_objects(max_objects: int) -> Any:
+    """An ``object_pairs_hook`` that refuses duplicate keys (json.loads would silently keep the
+    last) and stops parsing once more than ``max_objects`` objects were built, so memory stays
+    bounded whatever the header holds."""
+    built = 0
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal built
+        built += 1
+        if built > max_objects:
+            raise _HeaderTooBig(max_objects)
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise _DuplicateKey(key)
+            result[key] = value
+        return result
+
+    return hook
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_safetensors_header(
+    raw: bytes, data_size: int, name: str = "file", *, max_tensors: int = _MAX_TENSORS
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Check a safetensors header (the JSON after the 8-byte length) against ``data_size``,
+    the bytes that follow it. The one strict parser of the format, used for files on disk and
+    members of zip archives alike; ``name`` is the file name used in messages.
+
+    Rules: a JSON object without duplicate keys, at most ``max_tensors`` entries; every
+    tensor has a known dtype, a shape of non-negative ints (not bools) and two int offsets;
+    its byte span is exactly ``numel * itemsize``; spans are contiguous from 0 to the end of
+    the data (no hole, no overlap, nothing past or short of the end); ``__metadata__`` maps
+    strings to strings. Raises :class:`InputError` naming the first problem.
+
+    Example:
+        >>> raw = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+        >>> parse_safetensors_header(raw, data_size=8)[0]["w"]["shape"]
+        [2]
+    """
+    try:
+        # one object per tensor, plus the header itself and __metadata__
+        header = json.loads(raw, object_pairs_hook=_strict_objects(max_tensors + 2))
+    except _DuplicateKey as exc:
+        raise _corrupt(name, f"the key {exc.args[0]!r} appears twice in the header") from None
+    except _HeaderTooBig:
+        raise _corrupt(name, f"the header declares more than {max_tensors} tensors (the limit)") from None
+    except RecursionError:
+        raise _corrupt(name, "the header nests JSON deeper than a safetensors header can") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(name, f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(name, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(name, "__metadata__ must map strings to strings")
+    if len(header) > max_tensors:
+        raise _corrupt(name, f"the header declares more than {max_tensors} tensors (the limit)")
+    spans = []
+    for tensor, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _corrupt(name, f"entry {tensor!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise _corrupt(name, f"tensor {tensor!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _corrupt(name, f"tensor {tensor!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise _corrupt(name, f"tensor {tensor!r} has invalid data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype]:
+            raise _corrupt(name, f"tensor {tensor!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
+        if offsets[1] > data_size:
+            raise _corrupt(name, f"tensor {tensor!r} ends at byte {offsets[1]}, past the data ({data_size} bytes)")
+        spans.append((offsets[0], offsets[1], tensor))
+    spans.sort()
+    position, previous = 0, None
+    for start, end, tensor in spans:
+        if start < position:
+            raise _corrupt(name, f"tensors {previous!r} and {tensor!r} overlap")
+        if start > position:
+            where = f"after tensor {previous!r}" if previous is not None else "at the start of the data"
+            raise _corrupt(name, f"{start - position} bytes {where} belong to no tensor (a hole in data_offsets)")
+        position, previous = end, tensor
+    if position != data_size:
+        raise _corrupt(
+            name, f"the tensors cover {position} bytes but the data holds {data_size} (bytes no tensor describes)"
+        )
+    return header, metadata
+
+
+def read_safetensors_header_from(
+    handle: BinaryIO,
+    total_size: int,
+    name: str = "file",
+    *,
+    max_header_bytes: int = _MAX_HEADER_BYTES,
+    max_tensors: int = _MAX_TENSORS,
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """:func:`read_safetensors_header` for an open binary stream of ``total_size`` bytes
+    (a zip member, for instance), positioned at its start."""
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise _corrupt(name, f"only {len(prefix)} bytes, shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > total_size - 8:
+        raise _corrupt(name, f"header length {header_len} exceeds the file ({total_size} bytes)")
+    if header_len > max_header_bytes:
+        raise _corrupt(name, f"header length {header_len} is over the limit of {max_header_bytes} bytes")
+    raw = handle.read(header_len)
+    if len(raw) < header_len:
+        raise _corrupt(name, f"the header is cut short ({len(raw)} of {header_len} bytes)")
+    return parse_safetensors_header(raw, total_size - 8 - header_len, name, max_tensors=max_tensors)
+
+
+def read_safetensors_header(
+    path: str | os.PathLike, *, max_header_bytes: int = _MAX_HEADER_BYTES, max_tensors: int = _MAX_TENSORS
+) -> tuple[dict[str, dict], dict[str, str]]:
     """Parse and check a safetensors header without reading any tensor data.
 
     Returns ``(tensors, metadata)`` where ``tensors`` maps names to ``{"dtype", "shape",
-    "data_offsets"}``. Raises :class:`InputError` naming the first problem found.
+    "data_offsets"}``. Raises :class:`InputError` naming the first problem found (see
+    :func:`parse_safetensors_header` for the rules). ``max_header_bytes`` and
+    ``max_tensors`` bound the memory parsing may take.
+
+    Example:
+        >>> tensors, metadata = read_safetensors_header("model.safetensors")  # doctest: +SKIP
     """
     path = Path(path)
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _corrupt(path, f"only {len(prefix)} bytes, shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER_BYTES or header_len > file_size - 8:
-                raise _corrupt(path, f"header length {header_len} exceeds the file ({file_size} bytes)")
-            raw = handle.read(header_len)
+            return read_safetensors_header_from(
+                handle, file_size, path.name, max_header_bytes=max_header_bytes, max_tensors=max_tensors
+            )
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}", suggestion="Check the path and permissions.") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(path, "__metadata__ must map strings to strings")
-    data_size = file_size - 8 - header_len
-    spans = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise _corrupt(path, f"entry {name!r} is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype]:
-            raise _corrupt(path, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
-        if offsets[1] > data_size:
-            raise _corrupt(path, f"tensor {name!r} ends at byte {offsets[1]}, past the data ({data_size} bytes)")
-        spans.append((offsets[0], offsets[1], name))
-    spans.sort()
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
-        if start < end:
-            raise _corrupt(path, f"tensors {first!r} and {second!r} overlap")
-    return header, metadata
 
 
 def sniff_format(path: str | os.PathLike) -> str:
@@ -200,7 +302,7 @@ def load_state_dict_file(path: str | os.PathLike, trusted: bool = False) -> dict
         try:
             return load_file(str(path))
         except Exception as exc:  # the header checked out, so this is corrupt data
-            raise _corrupt(path, str(exc)[:200]) from None
+            raise _corrupt(path.name, str(exc)[:200]) from None
     if kind in ("torchscript", "pt2"):
         if not trusted:
             raise UnsupportedFormatError(
@@ -222,15 +324,22 @@ def load_state_dict_file(path: str | os.PathLike, trusted: bool = False) -> dict
     )
 
 
-def inspect_model_file(path: str | os.PathLike, trusted: bool = False) -> dict[str, Any]:
+def inspect_model_file(
+    path: str | os.PathLike,
+    trusted: bool = False,
+    *,
+    max_header_bytes: int = _MAX_HEADER_BYTES,
+    max_tensors: int = _MAX_TENSORS,
+) -> dict[str, Any]:
     """Check a model file without keeping its tensors: format, tensor count, dtypes, metadata.
 
-    Safetensors files are checked from the header alone (no tensor is read).
+    Safetensors files are checked from the header alone (no tensor is read), within the
+    header limits given (see :func:`read_safetensors_header`).
     """
     path = Path(path)
     kind = sniff_format(path) if path.is_file() else "missing"
     if kind == "safetensors":
-        header, metadata = read_safetensors_header(path)
+        header, metadata = read_safetensors_header(path, max_header_bytes=max_header_bytes, max_tensors=max_tensors)
         params = 0
         for entry in header.values():
             numel = 1

@@ -175,6 +175,20 @@ HOSTILE_HEADERS = {
     "huge-shape": ({"a": _f32(0, 16, shape=(2**40, 2**40))}, "tensor 'a': 16 bytes for shape"),
     "entry-not-an-object": ({"a": [1, 2, 3]}, "entry 'a' is not an object"),
     "metadata-not-strings": ({"__metadata__": {"layers": {"x": 1}}}, "__metadata__ must map strings to strings"),
+    "bool-in-shape": ({"a": _f32(0, 16, shape=(True, 4))}, "tensor 'a' has an invalid shape [True, 4]"),
+    "bool-offset": (
+        {"a": {"dtype": "F32", "shape": [0], "data_offsets": [False, False]}},
+        "tensor 'a' has invalid data_offsets [False, False]",
+    ),
+    "hole-at-the-start": ({"a": _f32(16, 32)}, "16 bytes at the start of the data belong to no tensor"),
+    "hole-between": (
+        {"a": _f32(0, 16), "b": _f32(32, 48)},
+        "16 bytes after tensor 'a' belong to no tensor (a hole in data_offsets)",
+    ),
+    "bytes-past-the-last-tensor": (
+        {"a": _f32(0, 16)},
+        "the tensors cover 16 bytes but the data holds 64 (bytes no tensor describes)",
+    ),
 }
 
 
@@ -188,6 +202,47 @@ def test_hostile_safetensors_headers(tmp_path, header, problem):
         assert type(excinfo.value) is InputError
         assert excinfo.value.message.startswith(f"bad.safetensors is not a valid safetensors file: {problem}")
         assert "re-export" in excinfo.value.suggestion.lower()
+
+
+def _write_raw_header(path, raw: bytes, data: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+            b' "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+            "the key 'a' appears twice in the header",
+        ),
+        (
+            b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "the header nests JSON deeper than a safetensors header can",
+        ),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "the header nests JSON deeper than a safetensors header can"),
+    ],
+    ids=["duplicate-tensor-name", "deep-arrays", "deep-objects"],
+)
+def test_headers_json_loads_would_accept_or_crash_on(tmp_path, raw, problem):
+    path = tmp_path / "bad.safetensors"
+    _write_raw_header(path, raw, b"\0" * 8)
+    for load in (load_model, read_safetensors_header, inspect_model_file):
+        with pytest.raises(InputError) as excinfo:
+            load(path)
+        assert excinfo.value.message == f"bad.safetensors is not a valid safetensors file: {problem}"
+
+
+def test_header_limits_bound_size_and_tensor_count(tmp_path):
+    path = tmp_path / "many.safetensors"
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(1000)}
+    _write_safetensors(path, header, data=b"")
+    assert len(read_safetensors_header(path)[0]) == 1000
+    with pytest.raises(InputError, match="the header declares more than 999 tensors \\(the limit\\)"):
+        read_safetensors_header(path, max_tensors=999)
+    size = len(json.dumps(header))
+    with pytest.raises(InputError, match=f"header length {size} is over the limit of 1000 bytes"):
+        read_safetensors_header(path, max_header_bytes=1000)
 
 
 def test_header_length_beyond_the_file(tmp_path):
