@@ -67,6 +67,39 @@ class Settings(BaseSettings):
     max_zip_uncompressed_bytes: int = Field(
         16 * _GIB, gt=0, description="Largest total size of a zipped model folder once extracted."
     )
+    max_zip_compression_ratio: float = Field(
+        100.0,
+        gt=1,
+        description="Largest uncompressed/compressed size ratio of a zip member (413 past it). Model weights "
+        "hardly compress (about 1.1x); a zip bomb compresses about 1000x.",
+    )
+    max_job_write_bytes: int = Field(
+        32 * _GIB,
+        gt=0,
+        description="Most bytes a job may write to its work directory (an extracted zip counts its real bytes, "
+        "whatever the archive declares); the job fails past it.",
+    )
+    max_safetensors_header_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        le=100 * 1024 * 1024,
+        description="Largest safetensors header (JSON) accepted; parsing costs a multiple of it in memory.",
+    )
+    max_safetensors_tensors: int = Field(
+        100_000, gt=0, description="Most tensors a safetensors file (or each zipped shard) may declare."
+    )
+    temp_max_age_s: float = Field(
+        900.0,
+        gt=0,
+        description="A partial write in data_dir/tmp untouched for this long belongs to a dead process and is "
+        "removed (at start and every temp_sweep_interval_s).",
+    )
+    temp_sweep_interval_s: float = Field(300.0, gt=0, description="How often partial writes are swept.")
+    metrics_key: SecretStr | None = Field(
+        None,
+        description="Bearer key that may read /metrics (job counts of every tenant). /metrics is open only "
+        "when neither this nor API keys are configured.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Where workers quantize: 'cuda' (a GPU worker), 'cpu', or 'auto' (CUDA when available). "

@@ -38,6 +38,8 @@ __all__ = [
     "ConflictError",
     "AuthenticationError",
     "PayloadMismatchError",
+    "RangeNotSatisfiableError",
+    "InsufficientStorageError",
     "status_for",
     "problem_response",
     "problem_responses",
@@ -49,9 +51,11 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 class ServiceError(MonoQuantError):
-    """An error of the service itself (not of the library); ``status`` is its HTTP status."""
+    """An error of the service itself (not of the library); ``status`` is its HTTP status,
+    ``headers`` extra response headers."""
 
     status = 400
+    headers: dict[str, str] | None = None
 
 
 class NotFoundError(ServiceError):
@@ -70,6 +74,22 @@ class PayloadMismatchError(ServiceError):
     """An Idempotency-Key reused with a different payload."""
 
     status = 422
+
+
+class RangeNotSatisfiableError(ServiceError):
+    """A Range header no byte of the file satisfies (416, with ``Content-Range: bytes */size``)."""
+
+    status = 416
+
+    def __init__(self, message: str, suggestion: str | None, size: int) -> None:
+        super().__init__(message, suggestion)
+        self.headers = {"Content-Range": f"bytes */{size}"}
+
+
+class InsufficientStorageError(ServiceError):
+    """The server's disk is full: nothing was kept of the write (507)."""
+
+    status = 507
 
 
 # Most specific first: the first class in an exception's MRO found here decides the status.
@@ -146,9 +166,17 @@ def _schema_suggestion(errors: list[dict[str, Any]]) -> str:
 
 async def _mono_quant_error(request: Request, exc: MonoQuantError) -> JSONResponse:
     status = status_for(exc)
-    headers = {"WWW-Authenticate": 'Bearer realm="mono_quant"'} if status == 401 else None
+    headers = dict(getattr(exc, "headers", None) or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="mono_quant"'
+
     return problem_response(
-        request, status, type_name=type(exc).__name__, detail=exc.message, suggestion=exc.suggestion, headers=headers
+        request,
+        status,
+        type_name=type(exc).__name__,
+        detail=exc.message,
+        suggestion=exc.suggestion,
+        headers=headers or None,
     )
 
 
@@ -203,7 +231,9 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "Conflict with the resource's current state.",
         413: "Upload larger than the server's limit.",
         415: "File format refused (pickled module, TorchScript, .pt2) or unknown.",
+        416: "Range not satisfiable (Content-Range: bytes */size).",
         422: "Invalid parameters (ConfigurationError), with errors[] for schema errors.",
+        507: "The server's disk is full; nothing was stored. Retry later.",
     }
     from app.schemas import Problem
 

@@ -5,22 +5,28 @@
 a pickled module, TorchScript or ``.pt2`` is refused with 415, or with the operator's
 ``trusted_inputs`` switch accepted *unopened* (it is only ever loaded in a worker process).
 A zip must be a Hugging Face model folder: ``config.json`` plus safetensors weights, whose
-headers are checked inside the archive.
+headers are checked inside the archive by the library's one strict header parser. A zip is
+never trusted for its sizes: each member's compression ratio is bounded at submission (a
+zip bomb is refused with 413), and :func:`extract_model_zip` counts the real bytes it
+writes and stops at the limit.
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import shutil
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.config import Settings
-from mono_quant.errors import InputError, InputTooLargeError, UnsupportedFormatError
-from mono_quant.io.handlers import inspect_model_file, sniff_format
+from mono_quant.errors import InputError, InputTooLargeError, MonoQuantError, UnsupportedFormatError
+from mono_quant.io.handlers import inspect_model_file, read_safetensors_header_from, sniff_format
 
-__all__ = ["MODEL_FORMATS", "TRUSTED_ONLY_FORMATS", "inspect_upload", "extract_model_zip"]
+__all__ = ["MODEL_FORMATS", "TRUSTED_ONLY_FORMATS", "inspect_upload", "extract_model_zip", "named_for_the_user"]
 
 TRUSTED_ONLY_FORMATS = frozenset({"pickle", "torch_zip", "torchscript", "pt2"})
 # format name stored on the upload -> how the worker loads it
@@ -28,8 +34,10 @@ MODEL_FORMATS = ("safetensors", "pytorch", "hf_zip", *sorted(TRUSTED_ONLY_FORMAT
 # Files of a model folder the worker needs; anything else in the zip is ignored, never extracted.
 _FOLDER_FILES = ("config.json", "generation_config.json")
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+_COPY_CHUNK = 1024 * 1024
+# Members smaller than this are never refused for their ratio (a tiny JSON file compresses well).
+_RATIO_FLOOR_BYTES = 1024 * 1024
+_DEFAULTS = Settings.model_construct()  # field defaults only: the environment is read by the caller
 
 
 def _export_hint() -> str:
@@ -44,17 +52,16 @@ def inspect_upload(path: Path, kind: str, settings: Settings, filename: str = "u
     truncated, not a state_dict) or UnsupportedFormatError (415).
     """
     try:
-        return _inspect(path, kind, settings)
-    except UnsupportedFormatError as exc:
+        with named_for_the_user(path, filename):
+            return _inspect(path, kind, settings)
+    except UnsupportedFormatError:
         if sniff_format(path) == "unknown" and filename.lower().endswith(".safetensors"):
             # Named .safetensors but not even a readable header: a truncated or corrupt file.
             raise InputError(
                 f"{filename} is not a valid safetensors file (too short or corrupt header)",
                 suggestion="The file may be truncated or corrupt; re-export it and upload it again.",
             ) from None
-        raise type(exc)(exc.message.replace(path.name, filename), exc.suggestion) from None
-    except InputError as exc:
-        raise type(exc)(exc.message.replace(path.name, filename), exc.suggestion) from None
+        raise
 
 
 def _inspect(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
@@ -75,7 +82,12 @@ def _inspect(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
             suggestion=_export_hint(),
         )
     try:
-        details = inspect_model_file(path, trusted=False)
+        details = inspect_model_file(
+            path,
+            trusted=False,
+            max_header_bytes=settings.max_safetensors_header_bytes,
+            max_tensors=settings.max_safetensors_tensors,
+        )
     except UnsupportedFormatError:
         if settings.trusted_inputs and kind == "model" and sniffed in TRUSTED_ONLY_FORMATS:
             return {"format": sniffed, "trusted": True}
@@ -84,6 +96,70 @@ def _inspect(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
     if not details.get("tensors"):
         raise InputError("the upload holds no tensors", suggestion="Save a non-empty state_dict of tensors.")
     return details
+
+
+@contextmanager
+def named_for_the_user(path: Path, filename: str) -> Iterator[None]:
+    """Errors raised inside name the file as its uploader called it, never by the server's
+    storage name (a blob id). Use around anything that reads an upload, in the API or a worker.
+
+    Example:
+        >>> with named_for_the_user(blob_path, "model.safetensors"):  # doctest: +SKIP
+        ...     load_model(blob_path)
+    """
+    try:
+        yield
+    except MonoQuantError as exc:
+        if path.name not in exc.message:
+            raise
+        raise type(exc)(exc.message.replace(path.name, filename), exc.suggestion) from None
+
+
+def _zip_bomb(name: str, declared: int, compressed: int, settings: Settings) -> InputTooLargeError:
+    return InputTooLargeError(
+        f"{name} in the zip expands {declared / max(compressed, 1):.0f}x ({compressed} -> {declared} bytes), "
+        f"more than the limit of {settings.max_zip_compression_ratio:g}x: model weights barely compress, so this "
+        "looks like a zip bomb",
+        suggestion="Zip the model folder with a standard tool (or store the weights uncompressed: zip -0), "
+        "or upload model.safetensors itself.",
+    )
+
+
+def _check_sizes(members: list[zipfile.ZipInfo], settings: Settings) -> None:
+    """Refuse archives whose declared sizes could fill the disk, before reading any member."""
+    for info in members:
+        if info.file_size > _RATIO_FLOOR_BYTES and info.file_size > settings.max_zip_compression_ratio * max(
+            info.compress_size, 1
+        ):
+            raise _zip_bomb(info.filename, info.file_size, info.compress_size, settings)
+    total = sum(info.file_size for info in members)
+    limit = min(settings.max_zip_uncompressed_bytes, settings.max_job_write_bytes)
+    if total > limit:
+        raise InputTooLargeError(
+            f"the zip expands to {total} bytes, more than the limit of {limit}",
+            suggestion="Upload a smaller model, or ask the operator to raise MONOQUANT_MAX_ZIP_UNCOMPRESSED_BYTES.",
+        )
+
+
+def _load_config(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, Any]:
+    if info.file_size > _MAX_CONFIG_BYTES:
+        raise InputError("config.json is too large", suggestion="Upload the model's real config.json.")
+    with archive.open(info) as handle:
+        raw = handle.read(_MAX_CONFIG_BYTES + 1)  # never more than the limit, whatever the zip declares
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise InputError("config.json is too large", suggestion="Upload the model's real config.json.")
+    try:
+        config = json.loads(raw)
+    except RecursionError:
+        raise InputError(
+            "config.json nests objects or arrays too deeply to be a model config",
+            suggestion="Use the config.json saved by transformers (save_pretrained).",
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"config.json is not valid JSON: {exc}", suggestion="Fix config.json.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError("config.json has no model_type", suggestion="Use the config.json saved by transformers.")
+    return config
 
 
 def _inspect_model_zip(path: Path, settings: Settings) -> dict[str, Any]:
@@ -97,38 +173,24 @@ def _inspect_model_zip(path: Path, settings: Settings) -> dict[str, Any]:
                     "the zip holds no config.json: only zipped Hugging Face model folders are accepted",
                     suggestion="Zip the model folder (config.json + model.safetensors), or upload a .safetensors file.",
                 )
-            if config_info.file_size > _MAX_CONFIG_BYTES:
-                raise InputError("config.json is too large", suggestion="Upload the model's real config.json.")
-            try:
-                config = json.loads(archive.read(config_info))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(f"config.json is not valid JSON: {exc}", suggestion="Fix config.json.") from None
-            if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-                raise InputError(
-                    "config.json has no model_type", suggestion="Use the config.json saved by transformers."
-                )
+            weights = [info for name, info in members.items() if _is_weight_file(name, root)]
+            _check_sizes([config_info, *weights], settings)
+            config = _load_config(archive, config_info)
             if config.get("auto_map"):
                 raise UnsupportedFormatError(
                     "this model needs custom remote code (config.json has auto_map), which is never run",
                     suggestion="Use an architecture that ships with transformers, or upload a safetensors state_dict.",
                 )
-            weights = [info for name, info in members.items() if _is_weight_file(name, root)]
             if not weights:
                 raise InputError(
                     "the zip has config.json but no safetensors weights next to it",
                     suggestion="Include model.safetensors (or model-0000x-of-0000N.safetensors shards).",
                 )
-            total = sum(info.file_size for info in weights) + config_info.file_size
-            if total > settings.max_zip_uncompressed_bytes:
-                raise InputTooLargeError(
-                    f"the zip expands to {total} bytes, more than {settings.max_zip_uncompressed_bytes}",
-                    suggestion="Upload a smaller model, or ask the operator to raise "
-                    "MONOQUANT_MAX_ZIP_UNCOMPRESSED_BYTES.",
-                )
-            tensors = sum(_check_member_header(archive, info) for info in weights)
-    except zipfile.BadZipFile as exc:
+            tensors = sum(_check_member_header(archive, info, settings) for info in weights)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
         raise InputError(
-            f"the zip archive is corrupt: {exc}", suggestion="Re-create the zip and upload it again."
+            f"the zip archive is corrupt or uses an unsupported compression: {exc}",
+            suggestion="Re-create the zip with a standard tool (deflate or stored) and upload it again.",
         ) from None
     return {
         "format": "hf_zip",
@@ -158,62 +220,72 @@ def _is_weight_file(name: str, root: str) -> bool:
     return base == "model.safetensors" or (base.startswith("model-") and base.endswith(".safetensors"))
 
 
-def _check_member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
-    """Validate a safetensors member's header inside the zip; returns its tensor count."""
-    name = info.filename
-
-    def corrupt(why: str) -> InputError:
-        return InputError(f"{name} in the zip is not a valid safetensors file: {why}", suggestion="Re-export it.")
-
+def _check_member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, settings: Settings) -> int:
+    """Validate a safetensors member's header inside the zip (the library's strict parser,
+    the same the worker uses); returns its tensor count."""
     with archive.open(info) as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise corrupt("shorter than 8 bytes")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(_MAX_HEADER_BYTES, info.file_size - 8):
-            raise corrupt(f"header length {header_len} is past the end of the file")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise corrupt("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise corrupt("the header is not a JSON object")
-    data_size = info.file_size - 8 - header_len
-    count = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise corrupt(f"tensor {key!r} has no known dtype")
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise corrupt(f"tensor {key!r} has data offsets outside the file")
-        count += 1
-    return count
+        header, _ = read_safetensors_header_from(
+            handle,
+            info.file_size,
+            f"{info.filename} in the zip",
+            max_header_bytes=settings.max_safetensors_header_bytes,
+            max_tensors=settings.max_safetensors_tensors,
+        )
+    return len(header)
 
 
-def extract_model_zip(path: Path, destination: Path) -> Path:
+def extract_model_zip(path: Path, destination: Path, settings: Settings | None = None) -> Path:
     """Extract the model folder files of a checked zip into ``destination``; returns the folder.
 
     Only ``config.json``, ``generation_config.json`` and the safetensors weights are written,
     under server-chosen names (no member path is ever joined to the filesystem as given).
+    Sizes and ratios are checked again (the blob may predate today's limits), and the real
+    bytes written are counted: past ``max_job_write_bytes`` (or a member's declared size)
+    extraction stops and the partial folder is removed.
     """
+    settings = settings or _DEFAULTS
+    limit = min(settings.max_zip_uncompressed_bytes, settings.max_job_write_bytes)
     destination.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path) as archive:
-        members = {_member_name(info.filename): info for info in archive.infolist() if not info.is_dir()}
-        root = _folder_root(members)
-        for name, info in members.items():
-            base = name[len(root) :] if name.startswith(root) else ""
-            if base in _FOLDER_FILES or _is_weight_file(name, root):
-                target = destination / PurePosixPath(base).name
-                written = 0
+    written = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {_member_name(info.filename): info for info in archive.infolist() if not info.is_dir()}
+            root = _folder_root(members)
+            wanted = [
+                (name, info)
+                for name, info in members.items()
+                if (name[len(root) :] if name.startswith(root) else "") in _FOLDER_FILES or _is_weight_file(name, root)
+            ]
+            _check_sizes([info for _, info in wanted], settings)
+            for name, info in wanted:
+                target = destination / PurePosixPath(name).name
+                member_written = 0
                 with archive.open(info) as source, open(target, "wb") as sink:
-                    while chunk := source.read(1024 * 1024):
+                    while chunk := source.read(_COPY_CHUNK):
+                        member_written += len(chunk)
                         written += len(chunk)
-                        if written > info.file_size:  # a member lying about its size (zip bomb)
+                        if member_written > info.file_size:  # a member lying about its size
                             raise InputError(
                                 f"{name} in the zip is larger than its declared size",
                                 suggestion="Re-create the zip with a standard tool.",
                             )
+                        if written > limit:
+                            raise InputTooLargeError(
+                                f"the zip expands to more than the limit of {limit} bytes",
+                                suggestion="Upload a smaller model, or ask the operator to raise "
+                                "MONOQUANT_MAX_JOB_WRITE_BYTES.",
+                            )
                         sink.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        _remove_tree(destination)
+        raise InputError(
+            f"the zip archive is corrupt: {exc}", suggestion="Re-create the zip and upload it again."
+        ) from None
+    except BaseException:
+        _remove_tree(destination)
+        raise
     return destination
+
+
+def _remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -8,6 +8,7 @@ a restart) never sees half a file. The sha256 is computed while the bytes go by.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.errors import InsufficientStorageError
 from mono_quant.errors import InputTooLargeError
 
 __all__ = ["ARTIFACT_MEDIA_TYPES", "Storage", "BlobWriter", "StoredFile", "sha256_file"]
@@ -28,6 +30,14 @@ ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "report.json": "application/json",
 }
 _HASH_CHUNK = 1024 * 1024
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _disk_full(exc: OSError) -> InsufficientStorageError:
+    return InsufficientStorageError(
+        f"the server's storage is full ({exc.strerror or exc}); nothing was kept",
+        suggestion="Retry later; if it persists, the operator must free space in MONOQUANT_DATA_DIR.",
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -65,7 +75,12 @@ class BlobWriter:
         self.limit = limit
         self.size = 0
         self._digest = hashlib.sha256()
-        self._handle = open(temp_path, "wb")  # noqa: SIM115 - closed in commit()/discard()
+        try:
+            self._handle = open(temp_path, "wb")  # noqa: SIM115 - closed in commit()/discard()
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise _disk_full(exc) from None
+            raise
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -75,7 +90,17 @@ class BlobWriter:
                 suggestion="Upload a smaller file, or ask the operator to raise MONOQUANT_MAX_UPLOAD_BYTES.",
             )
         self._digest.update(chunk)
-        self._handle.write(chunk)
+        try:
+            self._handle.write(chunk)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        """A write failed: the partial file goes at once (a full disk must not stay full)."""
+        self.discard()
+        if exc.errno in _DISK_FULL:
+            raise _disk_full(exc) from None
+        raise exc
 
     @property
     def sha256(self) -> str:
@@ -83,9 +108,12 @@ class BlobWriter:
 
     def close(self) -> None:
         if not self._handle.closed:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            try:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+            except OSError as exc:
+                self._fail(exc)
 
     def commit(self, destination: Path) -> StoredFile:
         """Move the finished file to ``destination`` atomically."""
@@ -96,7 +124,10 @@ class BlobWriter:
 
     def discard(self) -> None:
         if not self._handle.closed:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError:  # flushing the buffer failed (disk full): the file goes anyway
+                pass
         self.temp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> BlobWriter:

@@ -251,7 +251,7 @@ def _recover(settings: Settings, store: JobStore, job: JobRow, reason: str) -> b
         ended = store.finish(job.id, "cancelled", attempt=job.attempt)
     elif job.attempt < settings.max_attempts:
         logger.warning("job %s: %s (worker %s); queued again after attempt %d", job.id, reason, job.worker, job.attempt)
-        return store.requeue(job.id, f"{reason} ({job.worker}); retrying")
+        return store.requeue(job.id, f"{reason}; retrying")  # the worker id is logged, not shown to tenants
     else:
         logger.warning("job %s: %s (worker %s); no attempts left", job.id, reason, job.worker)
         error = {

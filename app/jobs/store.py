@@ -222,7 +222,8 @@ class JobStore:
             query = select(BlobRow).where(BlobRow.owner == owner, BlobRow.kind == kind)
             if after is not None:
                 anchor = session.get(BlobRow, after)
-                if anchor is not None:
+                # another key's id (or another kind's) is a cursor like any unknown one
+                if anchor is not None and anchor.owner == owner and anchor.kind == kind:
                     query = query.where(
                         (BlobRow.created_at < anchor.created_at)
                         | ((BlobRow.created_at == anchor.created_at) & (BlobRow.id < anchor.id))
@@ -270,7 +271,10 @@ class JobStore:
             if status:
                 query = query.where(JobRow.status.in_(list(status)))
             if after is not None:
-                anchor_seq = session.scalars(select(JobRow.seq).where(JobRow.id == after)).first()
+                # another key's job id is a cursor like any unknown one: it reveals nothing
+                anchor_seq = session.scalars(
+                    select(JobRow.seq).where(JobRow.id == after, JobRow.owner == owner)
+                ).first()
                 if anchor_seq is not None:
                     query = query.where(JobRow.seq < anchor_seq)
             return list(session.scalars(query.order_by(JobRow.seq.desc()).limit(limit)))
@@ -304,6 +308,7 @@ class JobStore:
             )
             if result.rowcount != 1:
                 return None
+            # "worker" (host:pid) is for operators: the API leaves it out of tenants' events
             session.add(EventRow(job_id=job_id, type="running", data={"attempt": attempt, "worker": worker}))
             return attempt
 

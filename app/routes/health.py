@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness (GET and HEAD) and Prometheus metrics (the operator's metrics key when
+keys are configured: the counts cover every tenant)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import Ctx
+from app.deps import Ctx, MetricsReader
+from app.errors import problem_responses
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -31,12 +33,22 @@ def readyz(ctx: Ctx) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
+# HEAD for probes that only look at the status (out of the schema: one operation per path).
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    description="Open when no API keys are configured; otherwise only `Authorization: Bearer "
+    "<MONOQUANT_METRICS_KEY>` may read it (the counts cover every tenant).",
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
+        **problem_responses(401),
+    },
 )
-async def metrics(ctx: Ctx) -> Response:
+async def metrics(ctx: Ctx, _reader: MetricsReader) -> Response:
     data = await run_in_threadpool(generate_latest, ctx.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import Ctx, Owner
-from app.errors import ConflictError, NotFoundError, problem_responses
+from app.deps import Ctx, IdempotencyKey, Owner, job_or_404
+from app.errors import ConflictError, problem_responses
 from app.jobs.store import TERMINAL, JobRow
 from app.jobs.submission import QUANTIZE_FILE_FIELDS, submit_job
 from app.jobs.views import job_model, utc
@@ -25,14 +25,6 @@ router = APIRouter(tags=["jobs"])
 
 _SSE_POLL_S = 0.5
 _SSE_KEEPALIVE_S = 15.0
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        max_length=255,
-        description="Repeat a POST safely: the same key and payload return the same resource.",
-    ),
-]
 _QUANTIZE_BODY = multipart_body(
     files={
         "model": "The model: .safetensors or weights-only .pt state_dict, or a zip of a Hugging Face model "
@@ -46,13 +38,6 @@ _QUANTIZE_BODY = multipart_body(
         "dataset_id": {"type": "string", "format": "uuid", "description": "Data uploaded with POST /v1/datasets."},
     },
 )
-
-
-def _job_or_404(ctx: Ctx, job_id: str, owner: str) -> JobRow:
-    job = ctx.store.get_job(job_id, owner)
-    if job is None:
-        raise NotFoundError(f"no job with id {job_id!r}", suggestion="List your jobs with GET /v1/jobs.")
-    return job
 
 
 def _job_response(ctx: Ctx, job: JobRow) -> dict:
@@ -69,7 +54,7 @@ async def submit(request: Request, ctx: Ctx, owner: Owner, idempotency_key: Idem
         submitted = await run_in_threadpool(submit_job, ctx, owner, form, idempotency_key)
     finally:
         form.discard()
-    job = await run_in_threadpool(_job_or_404, ctx, submitted.resource_id, owner)
+    job = await run_in_threadpool(job_or_404, ctx, submitted.resource_id, owner)
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if submitted.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -82,7 +67,7 @@ _SUBMIT_DOC = {
     "openapi_extra": _QUANTIZE_BODY,
     "responses": {
         202: {"description": "Queued.", "headers": {"Location": {"schema": {"type": "string"}}}},
-        **problem_responses(400, 401, 404, 413, 415, 422),
+        **problem_responses(400, 401, 404, 413, 415, 422, 507),
     },
 }
 router.add_api_route(
@@ -123,7 +108,7 @@ def list_jobs(
 
 @router.get("/v1/jobs/{job_id}", response_model=Job, summary="Get a job", responses=problem_responses(401, 404))
 def get_job(job_id: str, ctx: Ctx, owner: Owner) -> dict:
-    return _job_response(ctx, _job_or_404(ctx, job_id, owner))
+    return _job_response(ctx, job_or_404(ctx, job_id, owner))
 
 
 @router.post(
@@ -135,7 +120,7 @@ def get_job(job_id: str, ctx: Ctx, owner: Owner) -> dict:
     responses={202: {"model": Job, "description": "Cancellation under way."}, **problem_responses(401, 404, 409)},
 )
 def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JSONResponse:
-    job = _job_or_404(ctx, job_id, owner)
+    job = job_or_404(ctx, job_id, owner)
     if job.status in TERMINAL:
         raise ConflictError(
             f"job {job_id} is already {job.status}", suggestion="Only queued or running jobs can be cancelled."
@@ -143,7 +128,7 @@ def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JSONResponse:
     status = ctx.store.request_cancel(job_id)
     if status == "running":
         ctx.queue.cancel(job_id)
-    job = _job_or_404(ctx, job_id, owner)
+    job = job_or_404(ctx, job_id, owner)
     return JSONResponse(_job_response(ctx, job), status_code=202 if status == "running" else 200)
 
 
@@ -154,7 +139,7 @@ def cancel_job(job_id: str, ctx: Ctx, owner: Owner) -> JSONResponse:
     responses=problem_responses(401, 404),
 )
 def delete_job(job_id: str, ctx: Ctx, owner: Owner) -> Response:
-    job = _job_or_404(ctx, job_id, owner)
+    job = job_or_404(ctx, job_id, owner)
     if job.status not in TERMINAL and ctx.store.request_cancel(job_id) == "running":
         ctx.queue.cancel(job_id)
     ctx.store.delete_job(job_id)
@@ -162,8 +147,13 @@ def delete_job(job_id: str, ctx: Ctx, owner: Owner) -> Response:
     return Response(status_code=204)
 
 
+# Stored with events for operators, never shown to tenants (which host and pid ran a job).
+_OPERATOR_ONLY_EVENT_DATA = frozenset({"worker"})
+
+
 def _event_model(row) -> JobEvent:
-    return JobEvent(seq=row.seq, type=row.type, at=utc(row.at), data=row.data or {})
+    data = {key: value for key, value in (row.data or {}).items() if key not in _OPERATOR_ONLY_EVENT_DATA}
+    return JobEvent(seq=row.seq, type=row.type, at=utc(row.at), data=data)
 
 
 @router.get(
@@ -182,7 +172,7 @@ async def job_events(
     owner: Owner,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
 ) -> Response:
-    await run_in_threadpool(_job_or_404, ctx, job_id, owner)
+    await run_in_threadpool(job_or_404, ctx, job_id, owner)
     if "text/event-stream" not in request.headers.get("accept", ""):
         rows = await run_in_threadpool(ctx.store.events, job_id)
         return JSONResponse([_event_model(row).model_dump(mode="json") for row in rows])

@@ -9,13 +9,12 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import Ctx, Owner
+from app.deps import Ctx, IdempotencyKey, Owner
 from app.errors import ConflictError, NotFoundError, problem_responses
 from app.jobs.store import BlobRow
 from app.jobs.submission import UPLOAD_FILE_FIELDS, submit_upload
 from app.jobs.views import upload_model
 from app.routes._openapi import multipart_body
-from app.routes.jobs import IdempotencyKey
 from app.schemas import Upload, UploadList
 from app.uploads import read_multipart
 
@@ -44,7 +43,7 @@ def make_upload_router(kind: str, collection: str, file_description: str) -> API
         summary=f"Upload a {kind}",
         operation_id=f"upload_{kind}",
         openapi_extra=multipart_body(files={"file": file_description}),
-        responses=problem_responses(400, 401, 413, 415, 422),
+        responses=problem_responses(400, 401, 413, 415, 422, 507),
     )
     async def upload(request: Request, ctx: Ctx, owner: Owner, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         form = await read_multipart(request, ctx.storage, ctx.settings, UPLOAD_FILE_FIELDS)

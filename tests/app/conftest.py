@@ -69,17 +69,37 @@ def make_service(tmp_path):
     return factory
 
 
-@pytest.fixture
-def paused_service(tmp_path) -> Iterator[TestClient]:
-    """A service whose worker pool is not running: submitted jobs stay queued."""
-    app = create_app(settings_for(tmp_path / "paused"))
+@contextmanager
+def paused(data_dir: Path, **overrides) -> Iterator[TestClient]:
+    """An app without its lifespan (no worker pool, so nothing runs), and a TestClient on it."""
+    app = create_app(settings_for(data_dir, **overrides))
     context = app.state.context
     context.storage.ensure()
     context.store.create_all()
     http = TestClient(app, raise_server_exceptions=False)  # no `with`: the lifespan does not run
-    yield http
-    http.close()
-    context.store.dispose()
+    try:
+        yield http
+    finally:
+        http.close()
+        context.store.dispose()
+
+
+@pytest.fixture
+def paused_service(tmp_path) -> Iterator[TestClient]:
+    """A service whose worker pool is not running: submitted jobs stay queued."""
+    with paused(tmp_path / "paused") as http:
+        yield http
+
+
+@pytest.fixture
+def make_paused_service(tmp_path):
+    """``with make_paused_service(api_keys="a,b") as http:`` - a paused service with other settings."""
+    counter = iter(range(100))
+
+    def factory(**overrides):
+        return paused(tmp_path / f"paused{next(counter)}", **overrides)
+
+    return factory
 
 
 def tiny_state_dict(seed: int = 0, width: int = 128) -> dict[str, torch.Tensor]:
