@@ -57,7 +57,11 @@ PY
 COPY README.md ./
 COPY mono_quant ./mono_quant
 COPY app ./app
-RUN pip install --no-deps . && python -c "import app.main, app.jobs.celery_queue, mono_quant"
+# The pages (/, /docs, /redoc) need their static files in the image: fail the build without them.
+RUN pip install --no-deps . && python -c "import app.main, app.jobs.celery_queue, mono_quant" \
+    && python -c "from app.routes.pages import STATIC_DIR as s, DOCS_ASSETS_DIR as d; \
+assert all((s / n).is_file() for n in ('index.html', 'job-page.js', 'job-page.css')), s; \
+assert (d / 'swagger-ui-bundle.js').is_file(), d"
 
 # ---- runtime: the environment only, a non-root user, data on a volume ---------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime

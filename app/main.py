@@ -19,7 +19,7 @@ from app.config import Settings
 from app.context import ServiceContext
 from app.errors import install_error_handlers
 from app.middleware import RequestContextMiddleware
-from app.routes import artifacts, health, jobs, uploads
+from app.routes import artifacts, health, jobs, pages, uploads
 
 __all__ = ["create_app"]
 
@@ -31,6 +31,7 @@ download `model.safetensors` and `report.json`.
 * Errors are `application/problem+json` (RFC 9457) with a `suggestion`; schema errors list `errors[]`.
 * Auth: `Authorization: Bearer <key>` when the operator configured keys; a key sees only its own resources.
 * `Idempotency-Key` on POSTs; `x-request-id` on every response.
+* Pages: the job page at `/`, these docs at `/docs`: every asset is served by this service (no internet needed).
 """
 
 _TAGS = [
@@ -67,10 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=_DESCRIPTION,
         openapi_tags=_TAGS,
         lifespan=lifespan,
+        # /docs is served from local assets by app.routes.pages (FastAPI's own loads a CDN)
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.context = context
     install_error_handlers(app)
     for router in (jobs.router, artifacts.router, uploads.models_router, uploads.datasets_router, health.router):
         app.include_router(router)
+    pages.install_pages(app)
     app.add_middleware(RequestContextMiddleware, metrics=context.metrics)
     return app
