@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mono_quant.core.options import DEFAULT_GROUP_SIZE, QuantizeOptions
 from mono_quant.errors import ConfigurationError
 
 __all__ = ["QuantizationConfig", "resolve_dtype", "VALID_DTYPES"]
@@ -74,20 +75,11 @@ class QuantizationConfig:
                     f"{name} must be True or False, got {getattr(self, name)!r}",
                     suggestion=f"Pass {name}=True or {name}=False.",
                 )
-        if self.group_size is not None and (
-            not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size & (self.group_size - 1)
-        ):
-            raise ConfigurationError(
-                f"group_size must be a power of two >= 2, got {self.group_size!r}",
-                suggestion="Use group_size=32, 64 or 128.",
-            )
-        if not isinstance(self.num_calibration_samples, int) or self.num_calibration_samples < 1:
-            raise ConfigurationError(
-                f"num_calibration_samples must be a positive integer, got {self.num_calibration_samples!r}",
-                suggestion="Pass num_calibration_samples=128 (or however many samples you have).",
-            )
+        # The rules of group_size and num_calibration_samples live in QuantizeOptions.
+        QuantizeOptions(bits=4, group_size=self.group_size)
+        QuantizeOptions(num_calibration_samples=self.num_calibration_samples)
         if bits == 4 and self.group_size is None:
-            object.__setattr__(self, "group_size", 128)
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
 
     @property
     def bits(self) -> int:

@@ -16,6 +16,7 @@ Two entry points, plus the dataclass that describes what happened:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,19 +27,25 @@ from torch import nn
 from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_batch
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
+from mono_quant.core.options import QuantizeOptions
+from mono_quant.core.plan import QuantizationPlan, plan_module
 from mono_quant.core.progress import Progress, ProgressCallback
-from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, INT8_ASYMMETRIC, INT8_SYMMETRIC
-from mono_quant.core.selection import LayerSelection, SkippedLayer, select_layers
+from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC
 from mono_quant.errors import ConfigurationError, InputError, MonoQuantError, QuantizationError
-from mono_quant.modules import LayerQuantConfig, quantized_class_for
+from mono_quant.modules import quantize_weight_tensors, quantized_class_for
 
 __all__ = [
     "QuantizationInfo",
     "dynamic_quantize",
     "static_quantize",
     "quantize_layers",
+    "quantize_planned",
+    "options_from_config",
+    "mode_name",
     "model_size_bytes",
     "cast_hooks",
+    "is_cast_layer",
+    "set_submodule",
 ]
 
 
@@ -142,6 +149,11 @@ def _cast_output_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     return output if io_dtype is None else _cast_floats(output, io_dtype)
 
 
+def is_cast_layer(module: nn.Module) -> bool:
+    """Whether ``module`` was cast to fp16 / bf16 by :func:`cast_hooks`."""
+    return any(hook is _cast_input_hook for hook in module._forward_pre_hooks.values())
+
+
 def cast_hooks(module: nn.Module) -> None:
     """Make a layer cast to fp16/bf16 accept and return its neighbours' dtype."""
     module.register_forward_pre_hook(_cast_input_hook)
@@ -156,130 +168,103 @@ def _copy_except(model: nn.Module, replacements: dict[int, torch.Tensor]) -> nn.
     return copy.deepcopy(model, memo)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
 
 
-def _layer_config(
-    module: nn.Module,
-    bits: int,
-    symmetric: bool,
-    per_channel: bool,
-    group_size: int | None,
-    activation: str,
-    activation_symmetric: bool,
-    embedding_bits: int,
-    warnings: list[str],
-    name: str,
-    clip_search_steps: int = 0,
-) -> LayerQuantConfig:
-    is_linear = isinstance(module, nn.Linear)
-    if isinstance(module, nn.Embedding):
-        bits = embedding_bits
-        activation = "none"
-    elif not is_linear:
-        if bits == 4:
-            warnings.append(f"{name}: int4 is not available for {type(module).__name__}; stored int8 per channel")
-            bits = 8
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or activation == "dynamic":
-            activation = "none"
-    # group_size is for int4; int8 is per output channel (or per tensor), which is what the
-    # _int_mm kernels take.
-    return LayerQuantConfig(
-        bits=bits,
-        symmetric=symmetric,
-        group_size=(group_size or 128) if bits == 4 else None,
-        activation=activation,
-        activation_symmetric=activation_symmetric,
-        per_channel=per_channel or bits == 4,
-        clip_search_steps=clip_search_steps if bits == 4 else 0,
-    )
+def _tensor_users(model: nn.Module) -> dict[int, set[str]]:
+    """``id(tensor) -> names of the modules holding it directly`` (a tied weight has several)."""
+    users: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            users.setdefault(id(tensor), set()).add(name)
+    return users
 
 
 def quantize_layers(
     model: nn.Module,
+    plan: QuantizationPlan,
     *,
-    bits: int,
-    float_dtype: torch.dtype | None = None,
-    symmetric: bool = True,
-    per_channel: bool = True,
-    group_size: int | None = None,
-    activation: str = "none",
-    activation_symmetric: bool = False,
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    selection: LayerSelection | None = None,
-    embedding_bits: int = 8,
-    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
+    weight_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     progress: Progress | None = None,
     info: QuantizationInfo | None = None,
 ) -> tuple[nn.Module, QuantizationInfo]:
-    """The shared core of both quantizers: a new model with the selected layers replaced.
+    """A new model with the layers ``plan`` changes replaced; the shared core of every mode.
 
-    ``input_qparams`` (static mode) maps layer names to calibrated activation qparams;
-    selected layers without an entry fall back to weight-only with a warning.
+    ``input_qparams`` (static mode) maps layer names to calibrated activation qparams; a static
+    layer without an entry falls back to weight-only with a warning. ``weight_tensors`` maps
+    layer names to weights already in the stored layout (chosen by GPTQ / HQQ). A tie group
+    whose members get the same weight config is quantized once and its tensors shared.
     """
     started = time.perf_counter()
-    selection = selection or LayerSelection()
     progress = progress or Progress()
     info = info or QuantizationInfo()
-    selected, skipped = select_layers(model, selection)
+    weight_tensors = weight_tensors or {}
+    decisions = [d for d in plan.layers.values() if d.changes]
+    skipped = dict(plan.skipped)
+    warnings = list(plan.notes)
 
     new_layers: dict[str, nn.Module] = {}
-    placeholders: dict[int, torch.Tensor] = {}
-    for name, module in progress.track(selected, "quantize", total=len(selected)):
+    stored: dict[str, dict[str, torch.Tensor]] = {}  # tensors of each quantized layer, for ties
+    replacements: dict[int, torch.Tensor] = {}
+    for decision in progress.track(decisions, "quantize", total=len(decisions)):
+        name = decision.name
+        module = model.get_submodule(name)
         try:
-            if bits == 16:
+            if decision.cast is not None:
                 new_layers[name] = module
                 for tensor in module.parameters(recurse=False):
-                    placeholders[id(tensor)] = nn.Parameter(
-                        tensor.detach().to(float_dtype), requires_grad=tensor.requires_grad
+                    replacements[id(tensor)] = nn.Parameter(
+                        tensor.detach().to(decision.cast), requires_grad=tensor.requires_grad
                     )
-                info.layer_configs[name] = {"kind": "cast", "dtype": str(float_dtype).replace("torch.", "")}
-                continue
-            if quantized_class_for(module) is None:
-                raise QuantizationError(f"no quantized layer for {type(module).__name__}")
-            layer_activation = activation
-            qparams = None
-            if activation == "static" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                qparams = (input_qparams or {}).get(name)
-                if qparams is None:
-                    info.warnings.append(f"{name}: saw no calibration data; quantized weight-only")
-                    layer_activation = "none"
-            config = _layer_config(
-                module,
-                bits,
-                symmetric,
-                per_channel,
-                group_size,
-                layer_activation,
-                activation_symmetric,
-                embedding_bits,
-                info.warnings,
-                name,
-                clip_search_steps,
-            )
-            if isinstance(module, nn.Linear) and config.group_size and module.in_features % config.group_size:
-                skipped.append(
-                    SkippedLayer(
-                        name,
-                        "linear",
-                        f"in_features={module.in_features} is not divisible by group_size={config.group_size}",
-                    )
-                )
+                info.layer_configs[name] = decision.metadata()
                 continue
             cls = quantized_class_for(module)
-            extra = {"input_qparams": qparams} if config.activation == "static" else {}
-            new_layers[name] = cls.from_float(module, config, **extra)
-            info.layer_configs[name] = new_layers[name].metadata()
-            for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                placeholders[id(tensor)] = torch.empty(0, device="meta")
+            if cls is None:
+                raise QuantizationError(f"no quantized layer for {type(module).__name__}")
+            config = decision.config
+            extra: dict[str, Any] = {}
+            if config.activation == "static":
+                qparams = (input_qparams or {}).get(name)
+                if qparams is None:
+                    warnings.append(f"{name}: saw no calibration data; quantized weight-only")
+                    config = dataclasses.replace(config, activation="none")
+                else:
+                    extra["input_qparams"] = qparams
+            shared = plan.shared_with(name)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                tensors = weight_tensors.get(name)
+                if tensors is None and shared in stored:
+                    tensors = stored[shared]
+                if tensors is None:
+                    tensors = quantize_weight_tensors(module.weight, config)
+                stored[name] = tensors
+                extra["weight_tensors"] = tensors
+            layer = cls.from_float(module, config, **extra)
+            if shared in stored:
+                layer.tied_to = shared
+            new_layers[name] = layer
+            info.layer_configs[name] = layer.metadata()
         except MonoQuantError as exc:
-            skipped.append(SkippedLayer(name, type(module).__name__.lower(), exc.message))
+            skipped[name] = exc.message
+            warnings.append(f"{name}: not quantized: {exc.message}")
 
+    # Tensors of replaced layers are not copied into the new model, unless a layer that stays
+    # (the float side of a tie) still holds them.
+    users = _tensor_users(model)
+    replaced = set(new_layers)
+    for name in new_layers:
+        if name in info.layer_configs and info.layer_configs[name].get("kind") == "cast":
+            continue
+        module = model.get_submodule(name)
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if users.get(id(tensor), set()) <= replaced:
+                replacements[id(tensor)] = torch.empty(0, device="meta")
     try:
-        quantized = _copy_except(model, placeholders)
+        quantized = _copy_except(model, replacements)
     except Exception as exc:  # deepcopy of user modules can fail in many ways
         raise QuantizationError(
             f"could not copy the model ({type(exc).__name__}: {exc})",
@@ -287,26 +272,56 @@ def quantize_layers(
             "as attributes), or pass a state_dict instead.",
         ) from exc
     for name, layer in new_layers.items():
-        if bits == 16:
+        if info.layer_configs[name].get("kind") == "cast":
             cast_hooks(quantized.get_submodule(name))
         elif name:
-            _set_submodule(quantized, name, layer)
+            set_submodule(quantized, name, layer)
         else:  # the model is itself one layer (a bare nn.Linear, nn.LSTM...)
             quantized = layer
     quantized.eval()
 
-    info.selected_layers = [name for name in new_layers]
-    info.skipped_layers = [s.name for s in skipped]
-    info.skip_reasons = {s.name: s.reason for s in skipped}
-    info.symmetric = symmetric
-    info.per_channel = per_channel
-    info.group_size = group_size if bits == 4 else info.group_size
+    options = plan.options
+    info.selected_layers = list(new_layers)
+    info.skipped_layers = list(skipped)
+    info.skip_reasons = skipped
+    info.warnings.extend(warnings)
+    info.symmetric = options.symmetric
+    info.per_channel = options.effective_per_channel
+    info.group_size = options.effective_group_size if options.bits == 4 else None
     info.original_size_bytes = model_size_bytes(model)
     info.quantized_size_bytes = model_size_bytes(quantized)
     info.duration_s = time.perf_counter() - started
     if not new_layers:
         info.warnings.append("no layer was quantized: check layer_types, include and exclude")
     return quantized, info
+
+
+def options_from_config(config: QuantizationConfig | None, static: bool = False, **given: Any) -> QuantizeOptions:
+    """:class:`QuantizeOptions` from the classic ``QuantizationConfig`` / keyword style of
+    :func:`dynamic_quantize` and :func:`static_quantize` (``dtype``, ``symmetric``...)."""
+    cfg = _resolve(config, **{k: given.pop(k) for k in list(given) if k in _CONFIG_KEYS})
+    bits = cfg.bits
+    if static and bits != 8:
+        raise ConfigurationError(
+            f"static quantization quantizes activations to int8 and needs int8 weights, got {cfg.dtype}",
+            suggestion="Use dtype=torch.qint8, or dynamic_quantize for int4 / fp16 / bf16.",
+        )
+    kwargs: dict[str, Any] = {"bits": bits, "scheme": "symmetric" if cfg.symmetric else "asymmetric"}
+    if bits == 16:
+        kwargs["dtype"] = str(cfg.float_dtype).replace("torch.", "")
+    if bits == 8:
+        kwargs["per_channel"] = cfg.per_channel
+    if bits == 4:
+        kwargs["group_size"] = cfg.group_size
+    if static:
+        kwargs["observer_type"] = cfg.observer_type
+        kwargs["num_calibration_samples"] = cfg.num_calibration_samples
+        kwargs["dynamic"] = False
+    kwargs.update({k: v for k, v in given.items() if v is not None})
+    return QuantizeOptions.from_kwargs(**kwargs)
+
+
+_CONFIG_KEYS = ("dtype", "symmetric", "per_channel", "group_size", "observer_type", "num_calibration_samples")
 
 
 def _resolve(config: QuantizationConfig | None, **given: Any) -> QuantizationConfig:
@@ -342,8 +357,8 @@ def dynamic_quantize(
     include: Any = None,
     exclude: Any = None,
     min_params: int = 0,
-    embedding_bits: int = 8,
-    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
+    embedding_bits: int | None = None,
+    clip_search_steps: int | None = None,
     show_progress: bool = False,
     progress_callback: ProgressCallback | None = None,
     return_info: bool = False,
@@ -366,28 +381,67 @@ def dynamic_quantize(
         ('QuantizedLinear', [])
     """
     _check_model(model)
-    cfg = _resolve(config, dtype=dtype, symmetric=symmetric, per_channel=per_channel, group_size=group_size)
-    bits = cfg.bits
-    selection = LayerSelection(layer_types=layer_types, include=include, exclude=exclude, min_params=min_params)
-    info = QuantizationInfo(dtype=cfg.dtype, mode="weight_only" if weight_only or bits == 4 else "dynamic")
-    if bits == 16:
-        info.mode = "cast"
-    activation = "none" if weight_only or bits in (4, 16) else "dynamic"
-    quantized, info = quantize_layers(
-        model,
-        bits=bits,
-        float_dtype=cfg.float_dtype,
-        symmetric=cfg.symmetric,
-        per_channel=cfg.per_channel,
-        group_size=cfg.group_size,
-        activation=activation,
-        selection=selection,
+    options = options_from_config(
+        config,
+        dtype=dtype,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        group_size=group_size,
+        weight_only=weight_only or None,
+        dynamic=None,
+        layer_types=layer_types,
+        include=include,
+        exclude=exclude,
+        min_params=min_params or None,
         embedding_bits=embedding_bits,
         clip_search_steps=clip_search_steps,
-        progress=Progress(show_progress, progress_callback),
-        info=info,
+        progress_callback=progress_callback,
     )
+    if options.bits == 8 and not options.weight_only:
+        options = dataclasses.replace(options, dynamic=True)
+    quantized, info = quantize_planned(model, options, show_progress=show_progress)
     return quantized, (info if return_info else info.skipped_layers)
+
+
+def quantize_planned(
+    model: nn.Module,
+    options: QuantizeOptions,
+    calibration_data: Any = None,
+    *,
+    show_progress: bool = False,
+) -> tuple[nn.Module, QuantizationInfo]:
+    """Plan, (calibrate,) and quantize ``model`` with ``options``: what ``quantize()`` runs
+    for modules. Returns ``(quantized model, QuantizationInfo)``."""
+    progress = Progress(show_progress, options.progress_callback)
+    plan = plan_module(model, options)
+    info = QuantizationInfo(dtype=options.quantized_dtype, mode=mode_name(options))
+    input_qparams = None
+    if options.is_static:
+        if options.effective_observer not in OBSERVERS:
+            create_observer(options.effective_observer)  # raises ConfigurationError listing valid names
+        calibrated = [d.name for d in plan.layers.values() if d.config is not None and d.config.activation == "static"]
+        observers, samples = _calibrate(
+            model,
+            calibration_data,
+            calibrated,
+            options.effective_observer,
+            options.effective_calibration_samples,
+            progress,
+            options.effective_calibration_batch_size,
+        )
+        spec = INT8_SYMMETRIC if options.activation_symmetric else INT8_ASYMMETRIC
+        input_qparams = {name: obs.calculate_qparams(spec) for name, obs in observers.items() if obs.batches_seen}
+        info.observer_type = options.effective_observer
+        info.calibration_samples_used = samples
+    return quantize_layers(model, plan, input_qparams=input_qparams, progress=progress, info=info)
+
+
+def mode_name(options: QuantizeOptions) -> str:
+    if options.bits == 16:
+        return "cast"
+    if options.bits == 4 or options.weight_only:
+        return "weight_only"
+    return "dynamic" if options.dynamic else "static"
 
 
 @torch.inference_mode()
@@ -475,49 +529,20 @@ def static_quantize(
         64
     """
     _check_model(model)
-    cfg = _resolve(
+    options = options_from_config(
         config,
+        static=True,
         dtype=dtype,
         symmetric=symmetric,
         per_channel=per_channel,
         observer_type=observer_type,
         num_calibration_samples=num_calibration_samples,
-        activation_symmetric=activation_symmetric,
+        activation_scheme=None if activation_symmetric is None else ("symmetric" if activation_symmetric else None),
+        layer_types=layer_types,
+        include=include,
+        exclude=exclude,
+        min_params=min_params or None,
+        calibration_batch_size=calibration_batch_size,
+        progress_callback=progress_callback,
     )
-    if cfg.observer_type not in OBSERVERS:
-        create_observer(cfg.observer_type)  # raises ConfigurationError listing valid names
-    if cfg.bits != 8:
-        raise ConfigurationError(
-            f"static quantization quantizes activations to int8 and needs int8 weights, got {cfg.dtype}",
-            suggestion="Use dtype=torch.qint8, or dynamic_quantize for int4 / fp16 / bf16.",
-        )
-    progress = Progress(show_progress, progress_callback)
-    selection = LayerSelection(layer_types=layer_types, include=include, exclude=exclude, min_params=min_params)
-    selected, _ = select_layers(model, selection)
-    calibrated = [n for n, m in selected if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    observers, samples = _calibrate(
-        model,
-        calibration_data,
-        calibrated,
-        cfg.observer_type,
-        cfg.num_calibration_samples,
-        progress,
-        calibration_batch_size,
-    )
-    act_spec = INT8_SYMMETRIC if cfg.activation_symmetric else INT8_ASYMMETRIC
-    input_qparams = {name: obs.calculate_qparams(act_spec) for name, obs in observers.items() if obs.batches_seen}
-    info = QuantizationInfo(
-        dtype=cfg.dtype, mode="static", observer_type=cfg.observer_type, calibration_samples_used=samples
-    )
-    return quantize_layers(
-        model,
-        bits=8,
-        symmetric=cfg.symmetric,
-        per_channel=cfg.per_channel,
-        activation="static",
-        activation_symmetric=cfg.activation_symmetric,
-        input_qparams=input_qparams,
-        selection=selection,
-        progress=progress,
-        info=info,
-    )
+    return quantize_planned(model, options, calibration_data, show_progress=show_progress)

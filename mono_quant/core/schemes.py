@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mono_quant.core.options import DEFAULT_CLIP_SEARCH_STEPS
 from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = [
@@ -49,12 +50,11 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "sqnr",
+    "expand_groups",
+    "regroup",
     "DEFAULT_CLIP_SEARCH_STEPS",
 ]
 
-# Candidates of the int4 MSE clipping search (coarse to fine). On MiniLM int4 g128: 0 -> 0.9619
-# mean embedding cosine, 8 -> 0.9648, 16 -> 0.9654 at twice the cost of 8.
-DEFAULT_CLIP_SEARCH_STEPS = 8
 # Smallest scale we ever produce: an all-zero block quantizes to zeros instead of NaN.
 _MIN_SCALE = 1e-12
 # Elements processed per block. Measured on this project's CPU (2 threads, 4096x4096 fp32):
@@ -145,10 +145,10 @@ class PerGroup(Granularity):
     name = "per_group"
 
     def __post_init__(self) -> None:
-        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
             raise ConfigurationError(
-                f"group_size must be a power of two >= 2, got {self.group_size!r}",
-                suggestion="Use group_size=32, 64 or 128 (128 is the usual default).",
+                f"group_size must be an integer >= 2, got {self.group_size!r}",
+                suggestion="Use group_size=32, 64 or 128 (128 is the default; see QuantizeOptions).",
             )
 
 
@@ -227,17 +227,11 @@ def _check_weight(weight: torch.Tensor, granularity: Granularity) -> None:
             f"expected a floating-point weight, got dtype {weight.dtype}",
             suggestion="Quantize the float model, not one that is already quantized.",
         )
-    if isinstance(granularity, PerGroup):
-        if weight.dim() != 2:
-            raise InputError(
-                f"group-wise quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
-                suggestion="Use per-channel quantization for this layer.",
-            )
-        if weight.shape[1] % granularity.group_size:
-            raise InputError(
-                f"input size {weight.shape[1]} is not divisible by group_size={granularity.group_size}",
-                suggestion="Pick a group_size that divides the layer's input features, or exclude the layer.",
-            )
+    if isinstance(granularity, PerGroup) and weight.dim() != 2:
+        raise InputError(
+            f"group-wise quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
+            suggestion="Use per-channel quantization for this layer.",
+        )
 
 
 def _clip_errors(
@@ -337,7 +331,9 @@ def quantize_weight(
     rows = weight.shape[0]
     flat = weight.detach().reshape(rows, -1)
     cols = flat.shape[1]
-    group = granularity.group_size if isinstance(granularity, PerGroup) else cols
+    if isinstance(granularity, PerGroup) and cols % granularity.group_size and cols > granularity.group_size:
+        return _quantize_partial_groups(weight.detach(), spec, granularity, clip_search_steps)
+    group = min(granularity.group_size, cols) if isinstance(granularity, PerGroup) else cols
     groups = cols // group
     device = weight.device
     q_out = torch.empty((rows, cols), dtype=spec.storage_dtype, device=device)
@@ -372,6 +368,40 @@ def quantize_weight(
         scale_out = scale_out.view(rows)
         zp_out = zp_out.view(rows) if zp_out is not None else None
     return QuantizedTensor(q_out, scale_out, zp_out, spec, granularity)
+
+
+def _quantize_partial_groups(
+    weight: torch.Tensor, spec: QuantSpec, granularity: PerGroup, clip_search_steps: int
+) -> QuantizedTensor:
+    """Group-wise quantization of ``[out, in]`` where ``group_size`` does not divide ``in``:
+    the whole groups as usual, the last ``in % group_size`` columns as one partial group
+    (its own range, its own scale); scales ``[out, ceil(in / group_size)]``."""
+    group = granularity.group_size
+    full = (weight.shape[1] // group) * group
+    head = quantize_weight(weight[:, :full], spec, granularity, clip_search_steps)
+    tail = quantize_weight(weight[:, full:], spec, PerGroup(group), clip_search_steps)  # one group
+    zero_point = None if head.zero_point is None else torch.cat([head.zero_point, tail.zero_point], dim=1)
+    return QuantizedTensor(
+        torch.cat([head.qdata, tail.qdata], dim=1),
+        torch.cat([head.scale, tail.scale], dim=1),
+        zero_point,
+        spec,
+        granularity,
+    )
+
+
+def expand_groups(qparam: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """Per-group qparams ``[out, ceil(in / g)]`` -> per-element ``[out, in]`` (partial last group
+    included): each group's value repeated over its columns."""
+    return qparam.repeat_interleave(group_size, dim=-1)[..., :in_features]
+
+
+def regroup(qparam: torch.Tensor, group_size: int, kernel_group: int, in_features: int) -> torch.Tensor:
+    """Per-group qparams ``[out, ceil(in / group_size)]`` restated for groups of
+    ``kernel_group`` (which divides ``group_size`` and ``in_features``): each value repeated
+    ``group_size // kernel_group`` times. Exact: a kernel that only takes whole groups then
+    computes a partial last group too."""
+    return qparam.repeat_interleave(group_size // kernel_group, dim=-1)[..., : in_features // kernel_group]
 
 
 def _quantize_block(
@@ -440,7 +470,11 @@ def dequantize_weight(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -
     q = qt.qdata
     if isinstance(qt.granularity, PerGroup):
         rows, cols = q.shape
-        q = q.view(rows, cols // qt.granularity.group_size, qt.granularity.group_size)
+        group = qt.granularity.group_size
+        if cols % group:  # partial last group: per-element qparams
+            zp = None if qt.zero_point is None else expand_groups(qt.zero_point, group, cols)
+            return dequantize(q, expand_groups(qt.scale, group, cols), zp, dtype)
+        q = q.view(rows, cols // group, group)
     scale = _broadcast_qparam(qt.scale, q.shape, qt.granularity)
     zp = None
     if qt.zero_point is not None:

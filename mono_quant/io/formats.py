@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.core.progress import Progress, ProgressCallback
-from mono_quant.core.quantizers import QuantizationInfo, _cast_input_hook, _set_submodule, cast_hooks
-from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, QuantizedTensor, dequantize_weight, unpack_int4
-from mono_quant.core.selection import _as_tuple, _compile
-from mono_quant.errors import ConfigurationError, InputError
+from mono_quant.core.options import QuantizeOptions
+from mono_quant.core.plan import WEIGHT_TENSOR_NAMES, QuantizationPlan, plan_tensors, weight_layout
+from mono_quant.core.progress import Progress
+from mono_quant.core.quantizers import QuantizationInfo, cast_hooks, is_cast_layer, set_submodule
+from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, unpack_int4
+from mono_quant.errors import InputError
 from mono_quant.io.handlers import _torch_load_weights_only, load_model, read_safetensors_header, sniff_format
-from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
-from mono_quant.modules.base import quantize_weight_tensors
+from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module, quantize_weight_tensors
 
 __all__ = [
     "FORMAT_NAME",
@@ -48,6 +48,9 @@ __all__ = [
     "load_quantized",
     "layer_metadata",
     "quantize_state_dict",
+    "plan_state_dict",
+    "tensor_outputs",
+    "convert_tensor",
     "quantize_file",
     "dequantized_layer_weight",
 ]
@@ -74,7 +77,7 @@ def layer_metadata(model: nn.Module) -> dict[str, dict]:
     for name, module in model.named_modules():
         if isinstance(module, QuantizedModule):
             layers[name] = module.metadata()
-        elif any(hook is _cast_input_hook for hook in module._forward_pre_hooks.values()):
+        elif is_cast_layer(module):
             # Not module.weight: an LSTM's parameters are weight_ih_l0, ...
             dtype = next(module.parameters()).dtype
             layers[name] = {"kind": "cast", "dtype": str(dtype).replace("torch.", "")}
@@ -114,6 +117,31 @@ def _unshare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _drop_tied_copies(state_dict: Mapping[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The state_dict without the weight tensors of tied layers (``tied_to`` in their metadata)
+    that equal those of the layer they are tied to: a tie is stored once, and
+    :func:`load_quantized` restores both sides from it."""
+    out = dict(state_dict)
+    for layer, entry in layers.items():
+        target = entry.get("tied_to")
+        if not target:
+            continue
+        for suffix in WEIGHT_TENSOR_NAMES:
+            key, source = f"{layer}.{suffix}", f"{target}.{suffix}"
+            if key in out and source in out and torch.equal(out[key].cpu(), out[source].cpu()):
+                del out[key]
+    return out
+
+
+def _restore_tied(state_dict: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
+    for layer, entry in layers.items():
+        target = entry.get("tied_to")
+        for suffix in WEIGHT_TENSOR_NAMES if target else ():
+            key, source = f"{layer}.{suffix}", f"{target}.{suffix}"
+            if key not in state_dict and source in state_dict:
+                state_dict[key] = state_dict[source]
+
+
 def save_model(
     model: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -143,7 +171,7 @@ def save_model(
     if path.suffix not in (".safetensors", ".pt", ".pth"):
         path = path.with_name(path.name + ".safetensors")
     metadata = _file_metadata(layers, quantization_info)
-    tensors = _unshare(state_dict)
+    tensors = _unshare(_drop_tied_copies(state_dict, layers))
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
@@ -206,6 +234,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             suggestion="Load it with the tool that wrote it.",
         )
     state_dict = load_model(path)
+    _restore_tied(state_dict, meta["layers"])
     for name, config in meta["layers"].items():
         try:
             module = model.get_submodule(name)
@@ -222,7 +251,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         kind = config.get("kind")
         layer = build_quantized_module(module, LayerQuantConfig.from_dict(config), None if kind == "auto" else kind)
         if name:
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         else:  # the whole model is one layer: the quantized layer replaces it
             model = layer
     # Buffers a model does not persist (e.g. transformers' position_ids) may still be in
@@ -271,158 +300,78 @@ def dequantized_layer_weight(
 
 
 # -- tensor-by-tensor quantization (state dicts and files) ---------------------------------------
-class _TensorPlan:
-    """Decides, from a tensor's name and shape alone, how it is stored in the output."""
+def _layer_of(name: str) -> str | None:
+    return name[: -len(".weight")] if name.endswith(".weight") else None
 
-    def __init__(
-        self,
-        bits: int,
-        symmetric: bool,
-        group_size: int | None,
-        activation: str,
-        embedding_bits: int,
-        clip_search_steps: int,
-        float_dtype: torch.dtype | None,
-        include: Any,
-        exclude: Any,
-    ) -> None:
-        self.bits = bits
-        self.symmetric = symmetric
-        self.group_size = group_size or 128
-        self.activation = activation
-        self.embedding_bits = embedding_bits
-        self.clip_search_steps = clip_search_steps
-        self.float_dtype = float_dtype
-        self.include = tuple(_compile(p) for p in _as_tuple(include, "include"))
-        self.exclude = tuple(_compile(p) for p in _as_tuple(exclude, "exclude"))
-        self.skipped: dict[str, str] = {}
 
-    def config_for(self, name: str, shape: tuple[int, ...], is_float: bool) -> tuple[str, Any] | None:
-        """``(layer, LayerQuantConfig | "cast")`` for a tensor to quantize, or None to copy."""
-        if not is_float or not name.endswith(".weight") or len(shape) < 2:
-            return None
-        layer = name[: -len(".weight")]
-        if self.include and not any(p.fullmatch(layer) for p in self.include):
-            return None
-        if any(p.fullmatch(layer) for p in self.exclude):
-            self.skipped[layer] = "matched an exclude pattern"
-            return None
-        if self.bits == 16:
-            return layer, "cast"
-        bits = self.bits
-        activation = self.activation
-        if "embed" in layer.lower():  # embedding tables: int8 rows (embedding_bits)
-            bits, activation = self.embedding_bits, "none"
-        if len(shape) > 2:  # convolutions: int8 per channel, float compute
-            bits, activation = 8, "none"
-        group_size = self.group_size if bits == 4 else None
-        if group_size and shape[-1] % group_size:
-            self.skipped[layer] = f"in_features={shape[-1]} is not divisible by group_size={group_size}"
-            return None
-        config = LayerQuantConfig(
-            bits=bits,
-            symmetric=self.symmetric,
-            group_size=group_size,
-            activation=activation,
-            clip_search_steps=self.clip_search_steps if bits == 4 else 0,
-        )
-        return layer, config
+def tensor_outputs(plan: QuantizationPlan, name: str, shape: tuple, dtype: torch.dtype) -> list[tuple]:
+    """``[(name, dtype, shape)]`` a source tensor becomes in the output file (known from the
+    header alone, before any data is read)."""
+    decision = plan.layers.get(_layer_of(name) or "")
+    if decision is None or not decision.changes:
+        return [(name, dtype, tuple(shape))]
+    if decision.cast is not None:
+        return [(name, decision.cast, tuple(shape))]
+    return [(f"{decision.name}.{t.name}", t.dtype, t.shape) for t in weight_layout(decision.config, tuple(shape))]
 
-    def outputs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
-        """Names, dtypes and shapes this tensor becomes (known before any data is read)."""
-        decision = self.config_for(name, shape, dtype.is_floating_point)
-        if decision is None:
-            return [(name, dtype, shape)]
-        layer, config = decision
-        if config == "cast":
-            return [(name, self.float_dtype, shape)]
-        rows = shape[0]
-        qparam_shape = (rows, shape[-1] // config.group_size) if config.group_size else (rows,)
-        out = [
-            (
-                f"{layer}.qweight",
-                torch.uint8 if config.bits == 4 else torch.int8,
-                (*shape[:-1], shape[-1] // 2) if config.bits == 4 else shape,
-            ),
-            (f"{layer}.weight_scale", torch.float32, qparam_shape),
-        ]
-        if not (config.symmetric and config.bits == 8):
-            out.append((f"{layer}.weight_zero_point", torch.uint8 if config.bits == 4 else torch.int8, qparam_shape))
-        return out
 
-    def convert(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        decision = self.config_for(name, tuple(tensor.shape), tensor.is_floating_point())
-        if decision is None:
-            return {name: tensor}
-        layer, config = decision
-        if config == "cast":
-            return {name: tensor.to(self.float_dtype)}
-        return {f"{layer}.{key}": value for key, value in quantize_weight_tensors(tensor, config).items()}
+def convert_tensor(
+    plan: QuantizationPlan, name: str, tensor: torch.Tensor, done: dict[str, dict[str, torch.Tensor]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The output tensors of one source tensor, as the plan decides. ``done`` (layer -> its
+    quantized tensors) lets a tied layer reuse the tensors of the layer it shares with."""
+    decision = plan.layers.get(_layer_of(name) or "")
+    if decision is None or not decision.changes:
+        return {name: tensor}
+    if decision.cast is not None:
+        return {name: tensor.to(decision.cast)}
+    shared = plan.shared_with(decision.name)
+    tensors = done.get(shared) if done is not None and shared else None
+    if tensors is None:
+        tensors = quantize_weight_tensors(tensor, decision.config)
+    if done is not None:
+        done[decision.name] = tensors
+    return {f"{decision.name}.{key}": value for key, value in tensors.items()}
 
-    def layer_entry(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[str, dict] | None:
-        decision = self.config_for(name, shape, dtype.is_floating_point)
-        if decision is None:
-            return None
-        layer, config = decision
-        if config == "cast":
-            return layer, {"kind": "cast", "dtype": str(self.float_dtype).replace("torch.", "")}
-        return layer, {"kind": "auto", **config.to_dict()}
+
+def plan_state_dict(state_dict: Mapping[str, torch.Tensor], options: QuantizeOptions) -> QuantizationPlan:
+    """The plan for a state_dict: tensors that share storage (tied weights) form tie groups."""
+    first_by_storage: dict[tuple, str] = {}
+    shared: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        if not tensor.numel():
+            continue
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in first_by_storage:
+            shared[name] = first_by_storage[key]
+        else:
+            first_by_storage[key] = name
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
+    return plan_tensors(entries, options, shared)
 
 
 def quantize_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    plan: _TensorPlan,
+    plan: QuantizationPlan,
     progress: Progress | None = None,
     device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Quantize a state_dict tensor by tensor; returns ``(tensors, layers metadata)``.
-
-    With ``device``, each tensor is moved there before it is quantized (results stay there).
-    """
+    """Quantize a state_dict tensor by tensor as ``plan`` decides; returns
+    ``(tensors, layers metadata)``. With ``device``, each tensor is moved there first."""
     progress = progress or Progress()
     out: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
+    done: dict[str, dict[str, torch.Tensor]] = {}
     items = list(state_dict.items())
     for name, tensor in progress.track(items, "quantize", total=len(items)):
-        entry = plan.layer_entry(name, tuple(tensor.shape), tensor.dtype)
-        if entry is not None:
-            layers[entry[0]] = entry[1]
-        out.update(plan.convert(name, tensor if device is None else tensor.to(device)))
+        out.update(convert_tensor(plan, name, tensor if device is None else tensor.to(device), done))
+    layers = {}
+    for decision in plan.layers.values():
+        if decision.changes and decision.name in done or decision.cast is not None:
+            entry = decision.metadata()
+            if decision.config is not None and plan.shared_with(decision.name) is None:
+                entry.pop("tied_to", None)
+            layers[decision.name] = entry
     return out, layers
-
-
-def _make_plan(
-    bits: int,
-    scheme: str | None,
-    group_size: int | None,
-    dynamic: bool,
-    weight_only: bool,
-    embedding_bits: int,
-    clip_search_steps: int,
-    dtype: Any,
-    include: Any,
-    exclude: Any,
-) -> _TensorPlan:
-    from mono_quant.core.config import resolve_dtype
-
-    if bits not in (4, 8, 16):
-        raise ConfigurationError(f"bits must be 4, 8 or 16, got {bits!r}", suggestion="Use bits=4, 8 or 16.")
-    if scheme not in (None, "symmetric", "asymmetric"):
-        raise ConfigurationError(
-            f"unknown scheme {scheme!r}", suggestion="Use scheme='symmetric' or scheme='asymmetric'."
-        )
-    symmetric = (scheme or ("asymmetric" if bits == 4 else "symmetric")) == "symmetric"
-    float_dtype = None
-    if bits == 16:
-        float_dtype = resolve_dtype(dtype or "float16")[1]
-        if float_dtype is None:
-            raise ConfigurationError(
-                f"bits=16 takes dtype 'float16' or 'bfloat16', got {dtype!r}", suggestion="Pass dtype='bf16'."
-            )
-    activation = "dynamic" if (bits == 8 and dynamic and not weight_only) else "none"
-    return _TensorPlan(
-        bits, symmetric, group_size, activation, embedding_bits, clip_search_steps, float_dtype, include, exclude
-    )
 
 
 def quantize_file(
@@ -430,16 +379,10 @@ def quantize_file(
     dst: str | os.PathLike,
     bits: int = 8,
     scheme: str | None = None,
-    group_size: int | None = 128,
     dynamic: bool = True,
-    weight_only: bool = False,
-    embedding_bits: int = 8,
-    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
-    dtype: Any = None,
-    include: Any = None,
-    exclude: Any = None,
+    *,
     show_progress: bool = False,
-    progress_callback: ProgressCallback | None = None,
+    **options: Any,
 ) -> Path:
     """Quantize a safetensors state_dict file into a mono_quant file, streaming.
 
@@ -449,13 +392,30 @@ def quantize_file(
     ``dst`` appears atomically when complete. Load the result with
     :func:`load_quantized`.
 
+    ``options`` are :func:`mono_quant.quantize`'s (``group_size``, ``weight_only``, ``include``...,
+    see :class:`~mono_quant.core.options.QuantizeOptions`); ``dynamic`` is ignored for int4 and
+    16-bit runs, which have no activation mode.
+
     Example:
         >>> quantize_file("model.safetensors", "model-int4.safetensors", bits=4)  # doctest: +SKIP
     """
     src, dst = Path(src), Path(dst)
+    callback = options.pop("progress_callback", None)
+    opts = QuantizeOptions.from_kwargs(
+        bits=bits,
+        scheme=scheme,
+        dynamic=bool(dynamic) and bits == 8 and not options.get("weight_only"),
+        weight_only=bool(options.pop("weight_only", False)) and bits == 8,
+        **options,
+    )
+    if opts.is_static:
+        raise InputError(
+            "static quantization needs a model it can run, but a weights file has no forward",
+            suggestion="Use dynamic=True or weight_only=True on files, or quantize the nn.Module.",
+        )
     header, src_meta = read_safetensors_header(src)
-    plan = _make_plan(
-        bits, scheme, group_size, dynamic, weight_only, embedding_bits, clip_search_steps, dtype, include, exclude
+    plan = plan_tensors(
+        [(n, tuple(e["shape"]), _ST_TO_TORCH.get(e["dtype"], torch.uint8)) for n, e in header.items()], opts
     )
     order = sorted(header, key=lambda n: header[n]["data_offsets"][0])
     out_entries: dict[str, dict] = {}
@@ -470,10 +430,10 @@ def quantize_file(
                 suggestion="Convert the file to standard float/int dtypes first.",
             )
         shape = tuple(entry["shape"])
-        layer = plan.layer_entry(name, shape, dtype_in)
-        if layer is not None:
-            layers[layer[0]] = layer[1]
-        for out_name, out_dtype, out_shape in plan.outputs(name, shape, dtype_in):
+        decision = plan.layers.get(_layer_of(name) or "")
+        if decision is not None and decision.changes:
+            layers[decision.name] = decision.metadata()
+        for out_name, out_dtype, out_shape in tensor_outputs(plan, name, shape, dtype_in):
             numel = 1
             for d in out_shape:
                 numel *= d
@@ -485,11 +445,11 @@ def quantize_file(
             }
             offset += size
     info = {"mode": "file", "bits": bits, "source_metadata": src_meta, "skip_reasons": plan.skipped}
+    progress = Progress(show_progress, callback)
     out_header = {"__metadata__": _file_metadata(layers, info), **out_entries}
     header_bytes = json.dumps(out_header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte alignment, as safetensors does
 
-    progress = Progress(show_progress, progress_callback)
     fd, tmp = _atomic_target(dst)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
@@ -505,7 +465,7 @@ def quantize_file(
                 view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else None
                 if view is not None and inp.readinto(view) != end - begin:
                     raise InputError(f"{src.name}: tensor {name!r} is truncated", suggestion="Re-export the file.")
-                for out_name, value in plan.convert(name, tensor).items():
+                for out_name, value in convert_tensor(plan, name, tensor).items():
                     assert list(value.shape) == out_entries[out_name]["shape"], out_name
                     data = value.contiguous().view(-1).view(torch.uint8).numpy() if value.numel() else b""
                     out.write(memoryview(data))

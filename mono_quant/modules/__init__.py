@@ -5,6 +5,7 @@ from mono_quant.modules.base import (
     LayerQuantConfig,
     QuantizedModule,
     build_quantized_module,
+    quantize_weight_tensors,
     quantized_class_for,
     register_quantized_module,
 )
@@ -26,4 +27,5 @@ __all__ = [
     "build_quantized_module",
     "quantized_class_for",
     "register_quantized_module",
+    "quantize_weight_tensors",
 ]

@@ -1,14 +1,9 @@
 """What every quantized layer shares: its configuration, the registry, weight storage.
 
 A quantized layer is built from a float layer with ``from_float(module, config)`` and keeps
-real low-bit tensors in buffers (so they land in ``state_dict`` and in saved files):
-
-* ``qweight``            int8 ``[out, ...]`` or, for int4, uint8 ``[out, in // 2]`` (two
-                         values per byte, low nibble first)
-* ``weight_scale``       fp32 ``[out]`` (per channel) or ``[out, in // group_size]``
-* ``weight_zero_point``  absent for symmetric int8; int8 ``[out]`` for asymmetric int8;
-                         uint8 ``[out, in // group_size]`` for int4
-* ``input_scale`` / ``input_zero_point``  static activation qparams (static mode only)
+real low-bit tensors in buffers (so they land in ``state_dict`` and in saved files), in the
+layout :func:`mono_quant.core.plan.weight_layout` declares (``qweight``, ``weight_scale``,
+``weight_zero_point``), plus ``input_scale`` / ``input_zero_point`` in static mode.
 
 The layer's configuration (:class:`LayerQuantConfig`) is not tensor data: it goes into the
 file metadata, and :func:`build_quantized_module` rebuilds an empty layer from it and the
@@ -18,18 +13,14 @@ float layer's shape before ``load_state_dict``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from mono_quant.core.plan import ACTIVATION_MODES, LayerQuantConfig, weight_layout
 from mono_quant.core.schemes import (
-    Granularity,
-    PerChannel,
-    PerGroup,
     PerTensor,
     QuantizedTensor,
-    QuantSpec,
     dequantize_weight,
     pack_int4,
     quantize_weight,
@@ -38,7 +29,7 @@ from mono_quant.core.schemes import (
 from mono_quant.errors import ConfigurationError
 
 __all__ = [
-    "ACTIVATION_MODES",
+    "ACTIVATION_MODES",  # re-exported from core.plan, where they are declared
     "LayerQuantConfig",
     "QuantizedModule",
     "QUANTIZED_MODULES",
@@ -47,63 +38,6 @@ __all__ = [
     "build_quantized_module",
     "quantize_weight_tensors",
 ]
-
-ACTIVATION_MODES = ("none", "dynamic", "static")
-
-
-@dataclass(frozen=True)
-class LayerQuantConfig:
-    """How one layer is quantized. Frozen and self-checking.
-
-    * ``bits``: 8 or 4 (weights).
-    * ``symmetric``: symmetric or asymmetric weight grid.
-    * ``group_size``: for int4 (and optionally int8), size of the input-axis groups; None
-      means per output channel.
-    * ``activation``: "none" (weight-only), "dynamic" (per-token int8 at run time) or
-      "static" (per-tensor int8 qparams from calibration).
-    * ``activation_symmetric``: grid of the static activation qparams.
-    * ``per_channel``: False gives one scale for the whole weight (int8 only).
-    * ``clip_search_steps``: MSE clipping search at quantization time (0 = plain min/max).
-    """
-
-    bits: int = 8
-    symmetric: bool = True
-    group_size: int | None = None
-    activation: str = "none"
-    activation_symmetric: bool = False
-    per_channel: bool = True
-    clip_search_steps: int = 0
-
-    def __post_init__(self) -> None:
-        QuantSpec(self.bits, self.symmetric)  # validates bits
-        if self.activation not in ACTIVATION_MODES:
-            raise ConfigurationError(
-                f"unknown activation mode {self.activation!r}",
-                suggestion=f"Use one of: {', '.join(ACTIVATION_MODES)}.",
-            )
-        if self.group_size is not None:
-            PerGroup(self.group_size)  # validates the size
-        if self.bits == 4 and self.group_size is None:
-            raise ConfigurationError(
-                "int4 weights are quantized group-wise and need a group_size",
-                suggestion="Pass group_size=128 (or 32/64 for more accuracy).",
-            )
-
-    @property
-    def weight_spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.symmetric)
-
-    @property
-    def granularity(self) -> Granularity:
-        return PerGroup(self.group_size) if self.group_size else PerChannel(0)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LayerQuantConfig:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
 
 QUANTIZED_MODULES: dict[type[nn.Module], type[QuantizedModule]] = {}
 
@@ -151,14 +85,24 @@ class QuantizedModule(nn.Module):
         What exporters read."""
         return self._weight_tensor()
 
+    # the layer whose weight tensors this one shares (a tie group quantized once), or None
+    tied_to: str | None = None
+
     def metadata(self) -> dict:
-        """What a file needs to rebuild this layer: its kind and config."""
-        return {"kind": type(self).__name__, **self.config.to_dict()}
+        """What a file needs to rebuild this layer: its kind and config (and its tie)."""
+        entry = {"kind": type(self).__name__, **self.config.to_dict()}
+        if self.tied_to:
+            entry["tied_to"] = self.tied_to
+        return entry
 
     # -- weight storage shared by the layers -------------------------------------------------
-    def _store_weight(self, weight: torch.Tensor, config: LayerQuantConfig) -> None:
+    def _store_weight(
+        self, weight: torch.Tensor, config: LayerQuantConfig, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Quantize ``weight`` into the layer's buffers, or adopt ``tensors`` already in the
+        stored layout (a tied layer's, or what GPTQ / HQQ chose)."""
         self.weight_shape = tuple(weight.shape)
-        tensors = quantize_weight_tensors(weight, config)
+        tensors = quantize_weight_tensors(weight, config) if tensors is None else tensors
         for name in ("qweight", "weight_scale"):
             self.register_buffer(name, tensors[name])
         if "weight_zero_point" in tensors:
@@ -167,25 +111,14 @@ class QuantizedModule(nn.Module):
             self.weight_zero_point = None
 
     def _register_empty(self, shape: tuple[int, ...], config: LayerQuantConfig, device=None) -> None:
-        """Zero-filled buffers of the shapes ``_store_weight`` would produce."""
-        rows = shape[0]
-        spec = config.weight_spec
-        if config.group_size:
-            groups = shape[-1] // config.group_size
-            qparam_shape: tuple[int, ...] = (rows, groups)
-        else:
-            qparam_shape = (rows,)
-        q_shape = (*shape[:-1], shape[-1] // 2) if spec.bits == 4 else shape
+        """Buffers of the stored layout for a weight of ``shape`` (values from a state_dict)."""
         self.weight_shape = tuple(shape)
-        self.register_buffer(
-            "qweight", torch.zeros(q_shape, dtype=torch.uint8 if spec.bits == 4 else torch.int8, device=device)
-        )
-        self.register_buffer("weight_scale", torch.ones(qparam_shape, dtype=torch.float32, device=device))
-        if spec.symmetric and spec.bits == 8:
+        layout = weight_layout(config, tuple(shape))
+        for tensor in layout:
+            fill = torch.ones if tensor.name == "weight_scale" else torch.zeros
+            self.register_buffer(tensor.name, fill(tensor.shape, dtype=tensor.dtype, device=device))
+        if all(tensor.name != "weight_zero_point" for tensor in layout):
             self.weight_zero_point = None
-        else:
-            zp_dtype = torch.uint8 if spec.bits == 4 else torch.int8
-            self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=zp_dtype, device=device))
 
     def kernel_tensors(self) -> list[torch.Tensor]:
         """Tensors a kernel holds outside the buffers (e.g. a prepacked weight), for sizes."""

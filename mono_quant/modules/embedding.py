@@ -6,11 +6,13 @@ of the table, never the whole of it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mono_quant.core.schemes import dequantize, unpack_int4
+from mono_quant.core.schemes import dequantize, expand_groups, unpack_int4
 from mono_quant.errors import ConfigurationError
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 
@@ -31,7 +33,7 @@ class QuantizedEmbedding(QuantizedModule):
         super().__init__()
         if config.activation == "static" or config.activation == "dynamic":
             # An embedding's input is indices: there is no activation to quantize.
-            config = LayerQuantConfig(config.bits, config.symmetric, config.group_size, "none")
+            config = dataclasses.replace(config, activation="none")
         if module.max_norm is not None:
             raise ConfigurationError(
                 "embeddings with max_norm renormalise their weights in forward and cannot be quantized",
@@ -43,9 +45,11 @@ class QuantizedEmbedding(QuantizedModule):
         self.padding_idx = module.padding_idx
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, config: LayerQuantConfig, **_) -> QuantizedEmbedding:
+    def from_float(
+        cls, module: nn.Embedding, config: LayerQuantConfig, weight_tensors: dict | None = None, **_
+    ) -> QuantizedEmbedding:
         layer = cls(module, config)
-        layer._store_weight(module.weight, layer.config)
+        layer._store_weight(module.weight, layer.config, weight_tensors)
         return layer
 
     @classmethod
@@ -63,11 +67,10 @@ class QuantizedEmbedding(QuantizedModule):
             zp = F.embedding(indices, self.weight_zero_point.view(self.num_embeddings, -1).to(torch.int32))
         if self.config.bits == 4:
             rows = unpack_int4(rows)
-        if self.config.group_size:
-            group = self.config.group_size
-            grouped = rows.reshape(*rows.shape[:-1], -1, group)
-            out = dequantize(grouped, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1))
-            return out.reshape(*rows.shape)
+        if self.config.group_size:  # per-element qparams of the looked-up rows (partial last group too)
+            group, dim = self.config.group_size, self.embedding_dim
+            scale = expand_groups(scale, group, dim)
+            zp = None if zp is None else expand_groups(zp, group, dim)
         return dequantize(rows, scale, zp)
 
     def extra_repr(self) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "kernel_group_size",
     "quantize_per_token",
     "int8_linear",
     "int4_grouped_linear",
@@ -193,6 +194,19 @@ def tinygemm_linear(
 # nibble and row ``i + 32`` in its high nibble. Measured on this project's CPU with bf16
 # activations on a 4096x4096 layer: 10x faster than fp32 at batch 1, 2.3x at 32, 1.15x at 256.
 _CPU_INT4_BLOCK = 64
+
+
+def kernel_group_size(group_size: int, in_features: int, smallest: int = 16) -> int | None:
+    """The group size an int4 kernel runs a layer with: ``group_size`` when it divides
+    ``in_features``, else the largest power of two below it (down to ``smallest``) that does,
+    with the qparams restated per kernel group (``schemes.regroup``, exact); None when none
+    does (the layer then runs dequantized)."""
+    size = group_size
+    while size >= smallest:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    return None
 
 
 def cpu_int4_supported(out_features: int, in_features: int, group_size: int) -> bool:

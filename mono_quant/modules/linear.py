@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec
+from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec, regroup
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
     cpu_int4_linear,
@@ -16,6 +16,7 @@ from mono_quant.modules.kernels import (
     int4_scales_and_zeros,
     int8_linear,
     int_mm_supported,
+    kernel_group_size,
     onednn_int8_available,
     onednn_int8_linear,
     onednn_linear,
@@ -64,9 +65,12 @@ class QuantizedLinear(QuantizedModule):
         module: nn.Linear,
         config: LayerQuantConfig,
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+        weight_tensors: dict[str, torch.Tensor] | None = None,
     ) -> QuantizedLinear:
+        """``weight_tensors``: the weight already in the stored layout (a tied layer's, or what
+        GPTQ / HQQ chose); quantized from ``module.weight`` when None."""
         layer = cls(module.in_features, module.out_features, config)
-        layer._store_weight(module.weight, config)
+        layer._store_weight(module.weight, config, weight_tensors)
         layer._finish(module.bias, input_qparams)
         return layer
 
@@ -149,11 +153,29 @@ class QuantizedLinear(QuantizedModule):
             self.qweight_layout = "packed"
         self._drop_kernel_caches()
 
+    @property
+    def kernel_group(self) -> int | None:
+        """The group size the int4 kernels run with: ``group_size``, or a smaller power of two
+        when a partial last group leaves ``in_features`` indivisible (qparams restated per
+        kernel group, exactly); None: no kernel fits, dequantize."""
+        return kernel_group_size(self.config.group_size, self.in_features) if self.config.group_size else None
+
+    def _kernel_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scales, zero points)`` per kernel group ``[N, K // kernel_group]``."""
+        group, kernel = self.config.group_size, self.kernel_group
+        if kernel == group:
+            return self.weight_scale, self.weight_zero_point
+        return (
+            regroup(self.weight_scale, group, kernel, self.in_features),
+            regroup(self.weight_zero_point, group, kernel, self.in_features),
+        )
+
     def _cpu_int4_eligible(self) -> bool:
         return (
             self.config.bits == 4
             and self.config.activation == "none"
-            and cpu_int4_supported(self.out_features, self.in_features, self.config.group_size)
+            and self.kernel_group is not None
+            and cpu_int4_supported(self.out_features, self.in_features, self.kernel_group)
         )
 
     def _onednn_eligible(self) -> bool:
@@ -192,7 +214,7 @@ class QuantizedLinear(QuantizedModule):
         key = (self.weight_scale.device, self.weight_scale.data_ptr(), self.weight_zero_point.data_ptr())
         cached = getattr(self, "_scales_and_zeros_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, int4_scales_and_zeros(self.weight_scale, self.weight_zero_point))
+            cached = (key, int4_scales_and_zeros(*self._kernel_qparams()))
             object.__setattr__(self, "_scales_and_zeros_cache", cached)
         return cached[1]
 
@@ -233,20 +255,15 @@ class QuantizedLinear(QuantizedModule):
         if x2d.device.type == "cuda" and x2d.dtype == torch.bfloat16:
             packed = self._tinygemm_weight()
             if packed is not None:
-                return tinygemm_linear(x2d, *packed, self.config.group_size, self.bias)
-        if x2d.device.type != "cpu":
+                return tinygemm_linear(x2d, *packed, self.kernel_group, self.bias)
+        if x2d.device.type != "cpu" or self.kernel_group is None or self.weight_zero_point.is_floating_point():
             return self._forward_dequantized(x2d)
         if self.qweight_layout == "cpu_int4":
-            return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.config.group_size, self.bias)
+            return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.kernel_group, self.bias)
         terms = 1 if self.config.activation == "dynamic" else 2
+        scales, zero_points = self._kernel_qparams()
         return int4_grouped_linear(
-            x2d,
-            self._canonical_qweight(),
-            self.weight_scale,
-            self.weight_zero_point,
-            self.config.group_size,
-            self.bias,
-            terms,
+            x2d, self._canonical_qweight(), scales, zero_points, self.kernel_group, self.bias, terms
         )
 
     def _tinygemm_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -260,11 +277,9 @@ class QuantizedLinear(QuantizedModule):
         if cached is not None and cached[0] == key:
             return cached[1]
         packed = None
-        if self.out_features % 8 == 0 and self.config.group_size in (32, 64, 128, 256):
+        if self.out_features % 8 == 0 and self.kernel_group in (32, 64, 128, 256):
             try:
-                packed = tinygemm_pack(
-                    self._canonical_qweight(), self.weight_scale, self.weight_zero_point, self.config.group_size
-                )
+                packed = tinygemm_pack(self._canonical_qweight(), *self._kernel_qparams(), self.kernel_group)
             except (RuntimeError, StopIteration):
                 packed = None  # this torch build / shape has no tinygemm: dequantize instead
         object.__setattr__(self, "_tinygemm_cache", (key, packed))

@@ -147,9 +147,9 @@ def test_quantization_config_is_frozen(field):
         ({"dtype": torch.float64}, "unsupported quantization dtype", "bfloat16"),
         ({"symmetric": "yes"}, "symmetric must be True or False, got 'yes'", "symmetric=True"),
         ({"per_channel": 1}, "per_channel must be True or False, got 1", "per_channel=False"),
-        ({"group_size": 3}, "group_size must be a power of two >= 2, got 3", "group_size=32"),
-        ({"group_size": 0}, "group_size must be a power of two >= 2, got 0", "group_size=32"),
-        ({"num_calibration_samples": 0}, "num_calibration_samples must be a positive integer", "128"),
+        ({"group_size": 3}, "group_size must be a power of two from 16 to 1024, got 3", "group_size=32"),
+        ({"group_size": 0}, "group_size must be a power of two from 16 to 1024, got 0", "group_size=32"),
+        ({"num_calibration_samples": 0}, "num_calibration_samples must be an integer >= 1", "128"),
     ],
     ids=["dtype-int3", "dtype-float64", "symmetric-str", "per-channel-int", "group-3", "group-0", "samples-0"],
 )

@@ -84,13 +84,15 @@ def test_bits_4_is_group_wise_weight_only_without_data(mlp, mlp_inputs):
         assert _cosine(mlp(mlp_inputs), result.model(mlp_inputs)) > 0.98
 
 
-def test_bits_4_skips_layers_the_group_size_does_not_divide():
+def test_bits_4_quantizes_layers_the_group_size_does_not_divide_with_a_partial_last_group():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(96, 128), nn.Linear(128, 8))
+    model = nn.Sequential(nn.Linear(192, 128), nn.Linear(128, 8))
     result = quantize(model, bits=4)
-    assert result.info.selected_layers == ["1"]
-    assert result.info.skip_reasons == {"0": "in_features=96 is not divisible by group_size=128"}
-    assert quantize(model, bits=4, group_size=32).info.selected_layers == ["0", "1"]
+    assert result.info.selected_layers == ["0", "1"]
+    assert result.info.skip_reasons == {}
+    assert result.model[0].weight_scale.shape == (128, 2)  # 128 + a partial group of 64
+    x = torch.randn(4, 192)
+    assert torch.nn.functional.cosine_similarity(result.model(x), model(x)).min() > 0.98
 
 
 def test_bits_8_weight_only_needs_no_data(mlp):
@@ -125,7 +127,7 @@ def test_bits_16_casts(mlp, mlp_inputs, kwargs, dtype):
 
 
 def test_bits_16_rejects_an_integer_dtype(mlp):
-    with pytest.raises(ConfigurationError, match="bits=16 takes dtype 'float16' or 'bfloat16', got 'int8'"):
+    with pytest.raises(ConfigurationError, match="dtype='int8' is not supported"):
         quantize(mlp, bits=16, dtype="int8")
 
 
@@ -197,16 +199,19 @@ def test_unknown_option_without_close_match_still_lists_valid_ones(mlp):
         assert option in excinfo.value.suggestion
 
 
+GROUP_ERROR = "group_size must be a power of two from 16 to 1024, got "
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("group_size", 3, "group_size must be a power of two >= 2, got 3"),
-        ("group_size", 0, "group_size must be a power of two >= 2, got 0"),
-        ("group_size", -4, "group_size must be a power of two >= 2, got -4"),
-        ("group_size", "128", "group_size must be a power of two >= 2, got '128'"),
-        ("embedding_bits", 16, "embedding_bits must be 4 or 8, got 16"),
-        ("embedding_bits", 5, "embedding_bits must be 4 or 8, got 5"),
-        ("clip_search_steps", -1, "clip_search_steps must be a non-negative integer, got -1"),
+        ("group_size", 3, GROUP_ERROR + "3"),
+        ("group_size", 0, GROUP_ERROR + "0"),
+        ("group_size", -4, GROUP_ERROR + "-4"),
+        ("group_size", "128", GROUP_ERROR + "'128'"),
+        ("embedding_bits", 16, "embedding_bits=16 is not supported"),
+        ("embedding_bits", 5, "embedding_bits=5 is not supported"),
+        ("clip_search_steps", -1, "clip_search_steps must be an integer >= 0, got -1"),
     ],
     ids=["group-3", "group-0", "group-negative", "group-str", "embedding-16", "embedding-5", "clip-negative"],
 )
@@ -277,15 +282,19 @@ def test_state_dict_input(mlp, kwargs, mode, qdtype):
     assert result.info.quantized_size_bytes < result.info.original_size_bytes
 
 
-def test_state_dict_warns_about_options_that_need_modules(mlp):
-    result = quantize(mlp.state_dict(), bits=8, dynamic=True, layer_types=["linear"])
-    assert any("layer_types" in w for w in result.warnings)
+def test_state_dicts_apply_the_same_selection_options_as_modules(mlp):
+    kwargs = {"bits": 8, "dynamic": True, "layer_types": ["linear"], "min_params": 1000}
+    from_module = quantize(mlp, **kwargs)
+    from_tensors = quantize(mlp.state_dict(), **kwargs)
+    assert from_tensors.info.selected_layers == from_module.info.selected_layers
+    assert from_tensors.info.skip_reasons == from_module.info.skip_reasons
 
 
-def test_state_dict_warns_that_per_tensor_is_not_applied(mlp):
-    assert not quantize(mlp.state_dict(), bits=8, dynamic=True, per_channel=True).warnings
+def test_state_dicts_apply_per_tensor_scales(mlp):
     result = quantize(mlp.state_dict(), bits=8, dynamic=True, per_channel=False)
-    assert result.warnings == ["options ['per_channel'] need module types and were not applied to a state_dict"]
+    assert not result.warnings
+    scale = result.model["0.weight_scale"]
+    assert torch.equal(scale, scale[:1].expand_as(scale))  # one scale, stored per channel
 
 
 def test_state_dict_without_weights_warns():

@@ -1,0 +1,492 @@
+"""QuantizeOptions: every option of :func:`mono_quant.quantize`, its default and its rule, once.
+
+``quantize(**kwargs)``, the CLI flags (``mono_quant/cli``), the HTTP form schema
+(``app/schemas.py``) and the Python client all derive from or validate through this class, so
+a rule the library enforces answers 422 at submission instead of failing a job later, and no
+default is written twice. Modelled on torchao's config dataclasses: frozen, validated in
+``__post_init__``, valid values in every error's suggestion.
+
+Options left at ``None`` mean "the default for this mode" (:attr:`QuantizeOptions.symmetric`,
+:attr:`group_size_or_default`...); an option given explicitly that the chosen mode does not
+use is refused, never ignored.
+
+Example:
+    >>> opts = QuantizeOptions.from_kwargs(bits=4, group_size=64)
+    >>> opts.symmetric, opts.effective_group_size
+    (False, 64)
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from mono_quant.errors import ConfigurationError
+
+__all__ = [
+    "QuantizeOptions",
+    "OptionSpec",
+    "option_specs",
+    "VALID_BITS",
+    "VALID_SCHEMES",
+    "VALID_GROUP_SIZES",
+    "VALID_OBSERVERS",
+    "LAYER_KINDS",
+    "FLOAT_DTYPES",
+    "DEFAULT_GROUP_SIZE",
+    "DEFAULT_CLIP_SEARCH_STEPS",
+    "compile_pattern",
+]
+
+VALID_BITS = (4, 8, 16)
+VALID_SCHEMES = ("symmetric", "asymmetric")
+# Group sizes along the input axis: powers of two the int4 kernels (CPU, tinygemm), GGUF's
+# 32-blocks and ONNX's MatMulNBits all take. A layer whose in_features is not a multiple gets
+# a partial last group.
+VALID_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+DEFAULT_GROUP_SIZE = 128
+# Candidates of the int4 MSE clipping search (coarse to fine). On MiniLM int4 g128: 0 -> 0.9619
+# mean embedding cosine, 8 -> 0.9648, 16 -> 0.9654 at twice the cost of 8.
+DEFAULT_CLIP_SEARCH_STEPS = 8
+VALID_OBSERVERS = ("minmax", "moving_average", "histogram")
+# defaults of the counting options left at None
+_COUNT_DEFAULTS = {
+    "num_calibration_samples": 128,
+    "calibration_batch_size": 32,
+    "clip_search_steps": DEFAULT_CLIP_SEARCH_STEPS,
+}
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding", "lstm", "gru")
+# bits=16 casts: name -> dtype (the names the CLI and the HTTP API take)
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How an option is offered outside Python: its help text, the values it takes, and
+    whether the CLI / the HTTP form expose it."""
+
+    help: str
+    choices: tuple[Any, ...] | None = None
+    cli: bool = True
+    http: bool = True
+    # the modes an explicitly given value is used in: a predicate on the options
+    applies: Callable[[QuantizeOptions], bool] | None = None
+    applies_text: str = ""
+
+
+def _opt(default: Any, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"spec": OptionSpec(help=help, **spec)})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _static(o: QuantizeOptions) -> bool:
+    return o.is_static
+
+
+def _int4(o: QuantizeOptions) -> bool:
+    return o.bits == 4
+
+
+def _integer(o: QuantizeOptions) -> bool:
+    return o.bits in (4, 8)
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    """A layer-name pattern: a shell glob (``*.query``) or ``re:<regex>`` (fullmatch)."""
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigurationError(
+                f"invalid regular expression {pattern!r}: {exc}",
+                suggestion="Fix the expression after 're:', or use a glob pattern like '*.query'.",
+            ) from None
+    return re.compile(fnmatch.translate(pattern))
+
+
+def _patterns(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigurationError(
+            f"{what} must be a string or a list of strings, got {type(value).__name__}",
+            suggestion=f"Pass {what}=['*.query', 're:.*attention.*'].",
+        ) from None
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigurationError(
+                f"{what} entries must be strings, got {item!r}",
+                suggestion=f"Pass {what} as a list of glob or 're:' patterns.",
+            )
+        compile_pattern(item)  # an invalid regex is refused here, at the boundary
+    return items
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Every option of a quantization run. Frozen and self-checking.
+
+    Build it with :meth:`from_kwargs` (what ``quantize()`` does): unknown names are refused
+    with the close matches.
+    """
+
+    bits: int = _opt(
+        8, "4 (int4 group-wise weights), 8 (int8) or 16 (fp16; bf16 with dtype='bf16')", choices=VALID_BITS
+    )
+    dynamic: bool = _opt(
+        False,
+        "int8: quantize activations per token at run time (no data needed); "
+        "False with calibration data: static int8 (calibrated activation ranges)",
+    )
+    scheme: str | None = _opt(
+        None, "weight grid (default: symmetric for int8, asymmetric for int4)", choices=VALID_SCHEMES
+    )
+    weight_only: bool = _opt(False, "int8: quantize weights only, activations stay float (most accurate)")
+    dtype: str | None = _opt(
+        None,
+        "bits=16: 'float16' (default) or 'bfloat16'",
+        choices=tuple(FLOAT_DTYPES),
+        applies=lambda o: o.bits == 16,
+        applies_text="bits=16",
+    )
+    group_size: int | None = _opt(
+        None,
+        f"int4 group size along the input axis (default {DEFAULT_GROUP_SIZE}; a layer it does not divide "
+        "gets a partial last group)",
+        choices=VALID_GROUP_SIZES,
+        applies=lambda o: o.bits == 4 or (o.embedding_bits == 4 and o.bits != 16),
+        applies_text="bits=4 (or embedding_bits=4)",
+    )
+    per_channel: bool | None = _opt(
+        None,
+        "int8 weights per output channel (default True) or one scale per tensor (False)",
+        applies=lambda o: o.bits == 8,
+        applies_text="bits=8",
+    )
+    observer_type: str | None = _opt(
+        None,
+        "static int8: activation observer (default 'minmax')",
+        choices=VALID_OBSERVERS,
+        applies=_static,
+        applies_text="static int8 (bits=8, dynamic=False, weight_only=False)",
+    )
+    num_calibration_samples: int | None = _opt(
+        None,
+        "calibration samples to use (default 128)",
+        applies=_static,
+        applies_text="static int8",
+    )
+    calibration_batch_size: int | None = _opt(
+        None,
+        "rows per calibration batch when calibration_data is one tensor or a dict of tensors (default 32)",
+        http=False,
+        applies=_static,
+        applies_text="static int8",
+    )
+    activation_scheme: str | None = _opt(
+        None,
+        "static int8 activation grid: 'asymmetric' (default) or 'symmetric'",
+        choices=VALID_SCHEMES,
+        applies=_static,
+        applies_text="static int8",
+    )
+    layer_types: tuple[str, ...] | None = _opt(
+        None, f"layer kinds to quantize (default all): {', '.join(LAYER_KINDS)}", choices=LAYER_KINDS
+    )
+    include: tuple[str, ...] = _opt((), "only layers whose name matches one of these globs (or 're:' regexes)")
+    exclude: tuple[str, ...] = _opt((), "keep layers whose name matches one of these globs (or 're:' regexes) float")
+    min_params: int = _opt(0, "skip layers with fewer parameters")
+    embedding_bits: int | None = _opt(
+        None,
+        "bits of embedding tables: 8 (default) or 4 (group-wise)",
+        choices=(4, 8),
+        applies=_integer,
+        applies_text="bits=4 or bits=8",
+    )
+    lm_head_bits: int | None = _opt(
+        None,
+        "bits of the output head (lm_head): default 8 in int4 runs (int4 costs LLMs much accuracy there), "
+        "the run's bits otherwise; 16 keeps it float",
+        choices=(4, 8, 16),
+        applies=_integer,
+        applies_text="bits=4 or bits=8",
+    )
+    clip_search_steps: int | None = _opt(
+        None,
+        f"int4 MSE clipping search candidates per group (default {DEFAULT_CLIP_SEARCH_STEPS}; 0 = plain min/max)",
+        applies=lambda o: o.bits == 4 or o.embedding_bits == 4,
+        applies_text="bits=4",
+    )
+    device: str | None = _opt(
+        None,
+        "state_dict / file inputs: quantize on this device ('cpu', 'cuda'); a module is quantized where it is",
+        http=False,
+    )
+    trusted: bool = _opt(
+        False, "allow pickled modules / TorchScript files as input (they can run code: trusted files only)", http=False
+    )
+    progress_callback: Callable[[str, float], None] | None = _opt(
+        None, "callable(stage, fraction) for progress reports", cli=False, http=False
+    )
+
+    # -- validation ----------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits) or self.bits not in VALID_BITS:
+            raise ConfigurationError(
+                f"bits={self.bits!r} is not supported",
+                suggestion="Use bits=8 (int8), bits=4 (int4 group-wise weights) or bits=16 "
+                "(fp16; bf16 with dtype='bf16').",
+            )
+        for name in ("dynamic", "weight_only", "trusted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}",
+                    suggestion=f"Pass {name}=True or {name}=False.",
+                )
+        if self.per_channel is not None and not isinstance(self.per_channel, bool):
+            raise ConfigurationError(
+                f"per_channel must be True or False, got {self.per_channel!r}", suggestion="Pass per_channel=False."
+            )
+        self._check_choice("scheme")
+        self._check_choice("activation_scheme")
+        self._check_choice("observer_type")
+        self._check_choice("embedding_bits")
+        self._check_choice("lm_head_bits")
+        if self.dtype is not None:
+            if isinstance(self.dtype, torch.dtype):
+                names = [k for k, v in FLOAT_DTYPES.items() if v == self.dtype]
+                object.__setattr__(self, "dtype", names[0] if names else str(self.dtype))
+            elif isinstance(self.dtype, str):
+                object.__setattr__(self, "dtype", self.dtype.lower())
+            self._check_choice("dtype")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size not in VALID_GROUP_SIZES):
+            raise ConfigurationError(
+                f"group_size must be a power of two from {VALID_GROUP_SIZES[0]} to {VALID_GROUP_SIZES[-1]}, "
+                f"got {self.group_size!r}",
+                suggestion=f"Use group_size=32, 64 or 128 ({DEFAULT_GROUP_SIZE} is the default); layers it does "
+                "not divide get a partial last group.",
+            )
+        for name, low in (("num_calibration_samples", 1), ("calibration_batch_size", 1), ("clip_search_steps", 0)):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < low):
+                raise ConfigurationError(
+                    f"{name} must be an integer >= {low}, got {value!r}",
+                    suggestion=f"Pass {name}={_COUNT_DEFAULTS[name]} (the default) or another integer >= {low}.",
+                )
+        if not _is_int(self.min_params) or self.min_params < 0:
+            raise ConfigurationError(
+                f"min_params must be a non-negative integer, got {self.min_params!r}",
+                suggestion="Pass min_params=0 to quantize layers of any size.",
+            )
+        object.__setattr__(self, "include", _patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        if self.layer_types is not None:
+            kinds = tuple(k.lower() for k in _patterns(self.layer_types, "layer_types"))
+            unknown = [k for k in kinds if k not in LAYER_KINDS]
+            if unknown:
+                raise ConfigurationError(
+                    f"unknown layer type(s) {unknown}", suggestion=f"Use any of: {', '.join(LAYER_KINDS)}."
+                )
+            object.__setattr__(self, "layer_types", kinds or None)
+        if self.device is not None and not isinstance(self.device, (str, torch.device)):
+            raise ConfigurationError(
+                f"device={self.device!r} is not a device", suggestion="Use device='cpu' or device='cuda'."
+            )
+        if self.progress_callback is not None and not callable(self.progress_callback):
+            raise ConfigurationError(
+                "progress_callback must be callable(stage, fraction)", suggestion="Pass a function or None."
+            )
+        self._check_modes()
+
+    def _check_choice(self, name: str) -> None:
+        value = getattr(self, name)
+        choices = _SPECS[name].choices
+        if value is not None and (value not in choices or isinstance(value, bool)):
+            raise ConfigurationError(
+                f"{name}={value!r} is not supported",
+                suggestion=f"Use {name}=" + " or ".join(repr(c) for c in choices) + ".",
+            )
+
+    def _check_modes(self) -> None:
+        if self.bits != 8 and (self.dynamic or self.weight_only):
+            flag = "dynamic" if self.dynamic else "weight_only"
+            raise ConfigurationError(
+                f"{flag}=True is an int8 mode, got bits={self.bits}",
+                suggestion=f"int4 is always weight-only and bits=16 is a cast: drop {flag}=True, or use bits=8.",
+            )
+        if self.dynamic and self.weight_only:
+            raise ConfigurationError(
+                "dynamic=True and weight_only=True contradict each other",
+                suggestion="dynamic=True quantizes activations at run time; weight_only=True keeps them float. "
+                "Pick one.",
+            )
+        for name, spec in _SPECS.items():
+            value = getattr(self, name)
+            if spec.applies is None or value is None:
+                continue
+            if not spec.applies(self):
+                raise ConfigurationError(
+                    f"{name}={value!r} is not used with {self.mode_name}",
+                    suggestion=f"{name} applies to {spec.applies_text}; drop it or change the mode.",
+                )
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> QuantizeOptions:
+        """Options from keyword arguments; an unknown name is refused with its close matches."""
+        unknown = [key for key in kwargs if key not in _SPECS]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, list(_SPECS), n=3)
+                hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ConfigurationError(
+                f"unknown option(s): {', '.join(hints)}",
+                suggestion="Valid options: " + ", ".join(sorted(_SPECS)) + ".",
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def for_request(cls, has_calibration: bool, **kwargs: Any) -> QuantizeOptions:
+        """Options for a CLI call or an HTTP job, where ``dynamic`` may be left out: int8 is then
+        static when calibration data comes with the request and dynamic when none does (the
+        library's own default, ``dynamic=False``, needs data)."""
+        if kwargs.get("dynamic") is None:
+            kwargs.pop("dynamic", None)
+            if kwargs.get("bits", 8) == 8 and not kwargs.get("weight_only"):
+                kwargs["dynamic"] = not has_calibration
+        return cls.from_kwargs(**kwargs)
+
+    def given(self) -> dict[str, Any]:
+        """The options that differ from their defaults (what a caller asked for)."""
+        return {name: getattr(self, name) for name in _SPECS if getattr(self, name) != getattr(_DEFAULTS, name)}
+
+    # -- what the options mean -----------------------------------------------------------------
+    @property
+    def is_static(self) -> bool:
+        """Static int8: activation ranges calibrated on data."""
+        return self.bits == 8 and not self.dynamic and not self.weight_only
+
+    @property
+    def mode_name(self) -> str:
+        if self.bits == 16:
+            return f"a bits=16 cast ({self.float_dtype_name})"
+        if self.bits == 4:
+            return "int4 (weight-only)"
+        if self.weight_only:
+            return "int8 weight-only"
+        return "int8 dynamic" if self.dynamic else "static int8"
+
+    @property
+    def activation(self) -> str:
+        """How Linear inputs are treated: "dynamic", "static" or "none" (weight-only / cast)."""
+        if self.bits != 8 or self.weight_only:
+            return "none"
+        return "dynamic" if self.dynamic else "static"
+
+    @property
+    def symmetric(self) -> bool:
+        """The weight grid: symmetric for int8, asymmetric for int4, unless ``scheme`` says."""
+        if self.scheme is None:
+            return self.bits != 4
+        return self.scheme == "symmetric"
+
+    @property
+    def activation_symmetric(self) -> bool:
+        return self.activation_scheme == "symmetric"
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.group_size or DEFAULT_GROUP_SIZE
+
+    @property
+    def effective_per_channel(self) -> bool:
+        return True if self.per_channel is None else self.per_channel
+
+    @property
+    def effective_observer(self) -> str:
+        return self.observer_type or "minmax"
+
+    @property
+    def effective_calibration_samples(self) -> int:
+        return self.num_calibration_samples or _COUNT_DEFAULTS["num_calibration_samples"]
+
+    @property
+    def effective_calibration_batch_size(self) -> int:
+        return self.calibration_batch_size or _COUNT_DEFAULTS["calibration_batch_size"]
+
+    @property
+    def effective_embedding_bits(self) -> int:
+        return self.embedding_bits or 8
+
+    @property
+    def effective_lm_head_bits(self) -> int:
+        if self.lm_head_bits is not None:
+            return self.lm_head_bits
+        return 8 if self.bits == 4 else self.bits
+
+    @property
+    def effective_clip_search_steps(self) -> int:
+        return DEFAULT_CLIP_SEARCH_STEPS if self.clip_search_steps is None else self.clip_search_steps
+
+    @property
+    def float_dtype_name(self) -> str:
+        return "bfloat16" if FLOAT_DTYPES.get(self.dtype or "float16") == torch.bfloat16 else "float16"
+
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The cast dtype of a bits=16 run, else None."""
+        return FLOAT_DTYPES[self.float_dtype_name] if self.bits == 16 else None
+
+    @property
+    def quantized_dtype(self) -> torch.dtype:
+        """The dtype recorded in QuantizationInfo: qint8, quint4x2, or the cast dtype."""
+        if self.bits == 16:
+            return self.float_dtype
+        return torch.qint8 if self.bits == 8 else torch.quint4x2
+
+
+_SPECS: dict[str, OptionSpec] = {f.name: f.metadata["spec"] for f in fields(QuantizeOptions)}
+_DEFAULTS = QuantizeOptions()
+
+
+def option_specs(*, cli: bool | None = None, http: bool | None = None) -> dict[str, tuple[Any, OptionSpec]]:
+    """``{name: (default, OptionSpec)}`` of the options, optionally only those the CLI / the
+    HTTP form expose: what ``app/schemas.py`` and ``mono_quant/cli`` build their fields from."""
+    out = {}
+    for name, spec in _SPECS.items():
+        if cli is not None and spec.cli != cli:
+            continue
+        if http is not None and spec.http != http:
+            continue
+        out[name] = (getattr(_DEFAULTS, name), spec)
+    return out
+
+
+def split_list(values: Iterable[str] | str | None) -> list[str] | None:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``: list options given as repeated or comma-joined
+    values (CLI flags, form fields)."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    items = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+    return items or None
