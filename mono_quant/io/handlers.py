@@ -51,6 +51,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # A parsed header costs far more memory than its bytes (one dict per tensor): 1.7 M empty
 # tensors in 100 MB of JSON take over 1 GiB. The tensor count is bounded before parsing.
 _MAX_TENSORS = 1_000_000
+_MAX_RANK = 64  # no model tensor comes close; bounds the work per entry
 _EXPORT_HINT = (
     "Save a state_dict to safetensors instead: "
     "`from safetensors.torch import save_file; save_file(model.state_dict(), 'model.safetensors')`."
@@ -105,7 +106,7 @@ def parse_safetensors_header(
     members of zip archives alike; ``name`` is the file name used in messages.
 
     Rules: a JSON object without duplicate keys, at most ``max_tensors`` entries; every
-    tensor has a known dtype, a shape of non-negative ints (not bools) and two int offsets;
+    tensor has a known dtype, a shape of at most 64 non-negative ints (not bools) and two int offsets;
     its byte span is exactly ``numel * itemsize``; spans are contiguous from 0 to the end of
     the data (no hole, no overlap, nothing past or short of the end); ``__metadata__`` maps
     strings to strings. Raises :class:`InputError` naming the first problem.
@@ -142,6 +143,8 @@ def parse_safetensors_header(
             raise _corrupt(name, f"tensor {tensor!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise _corrupt(name, f"tensor {tensor!r} has an invalid shape {shape!r}")
+        if len(shape) > _MAX_RANK:
+            raise _corrupt(name, f"tensor {tensor!r} has {len(shape)} dimensions (at most {_MAX_RANK})")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

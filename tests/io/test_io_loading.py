@@ -180,6 +180,7 @@ HOSTILE_HEADERS = {
         {"a": {"dtype": "F32", "shape": [0], "data_offsets": [False, False]}},
         "tensor 'a' has invalid data_offsets [False, False]",
     ),
+    "65-dimensions": ({"a": _f32(0, 0, shape=(0,) * 65)}, "tensor 'a' has 65 dimensions (at most 64)"),
     "hole-at-the-start": ({"a": _f32(16, 32)}, "16 bytes at the start of the data belong to no tensor"),
     "hole-between": (
         {"a": _f32(0, 16), "b": _f32(32, 48)},
