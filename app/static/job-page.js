@@ -68,8 +68,9 @@ function bytes(value) {
   return `${size.toFixed(unit ? 1 : 0)} ${units[unit]} (${Number(value).toLocaleString("en")} bytes)`;
 }
 
-function number(value, digits = 2) {
-  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : "-";
+function number(value, digits = 2, unit = "") {
+  if (typeof value !== "number" || !Number.isFinite(value)) return "not measured";
+  return unit ? `${value.toFixed(digits)} ${unit}` : value.toFixed(digits);
 }
 
 function percent(fraction) {
@@ -246,10 +247,10 @@ async function showReport(job) {
   const passed = metrics.validation_passed ?? validation.passed;
   fill($("accuracy"), [
     ["Validation", passed === undefined ? "not run" : passed ? "passed" : "failed"],
-    ["Output SQNR", `${number(metrics.output_sqnr_db ?? validation.output_sqnr_db)} dB`],
+    ["Output SQNR", number(metrics.output_sqnr_db ?? validation.output_sqnr_db, 2, "dB")],
     ["Output cosine", number(metrics.output_cosine ?? validation.output_cosine, 4)],
-    ["Mean weight SQNR", `${number(metrics.mean_weight_sqnr_db ?? validation.mean_weight_sqnr_db)} dB`],
-    ["Min weight SQNR", `${number(validation.min_weight_sqnr_db)} dB`],
+    ["Mean weight SQNR", number(metrics.mean_weight_sqnr_db ?? validation.mean_weight_sqnr_db, 2, "dB")],
+    ["Min weight SQNR", number(validation.min_weight_sqnr_db, 2, "dB")],
   ]);
   drawChart($("sqnr-chart"), validation.layer_sqnr_db || {});
   $("artifacts").replaceChildren(...job.artifacts.map((artifact) => artifactItem(job.id, artifact)));

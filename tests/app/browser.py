@@ -109,7 +109,9 @@ class Browser:
             self._handle_event(message)
 
     def open(self, url: str) -> None:
+        """Navigate and wait until the new document has loaded."""
         self.send("Page.navigate", url=url)
+        self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
 
     def evaluate(self, expression: str) -> Any:
         """The value of a JS expression (awaited when it is a promise)."""
@@ -121,12 +123,18 @@ class Browser:
     def wait_for(self, expression: str, timeout_s: float | None = None) -> Any:
         """Poll a JS expression until it is truthy; returns its value."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        last_error = None
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as exc:  # the page is not there yet (an element missing...)
+                value, last_error = None, exc
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {expression!r}; console: {self.console[-10:]}")
+                raise AssertionError(
+                    f"timed out waiting for {expression!r}; last error: {last_error}; console: {self.console[-10:]}"
+                )
             time.sleep(0.1)
 
     def close(self) -> None:
