@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, create_model, field_validator
+
+from mono_quant.core.options import OptionSpec, QuantizeOptions, option_specs, split_list
 
 __all__ = [
-    "VALID_BITS",
     "JobStatus",
     "QuantizeParams",
     "Progress",
@@ -30,16 +30,22 @@ __all__ = [
     "Health",
 ]
 
-VALID_BITS = (4, 8, 16)
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-class QuantizeParams(BaseModel):
-    """Parameters of a quantization job, sent as multipart form fields next to the files.
+def _option_annotation(name: str, default: Any, spec: OptionSpec) -> Any:
+    """The form field type of a library option (its choices become an enum in the schema)."""
+    if spec.choices is not None and name != "layer_types" and isinstance(spec.choices[0], str):
+        return Literal[spec.choices] | None  # type: ignore[valid-type]
+    if isinstance(default, bool):
+        return bool | None
+    if isinstance(default, tuple) or name == "layer_types":
+        return list[str] | None
+    return int | None if name != "device" else str | None
 
-    List fields (``include``, ``exclude``, ``layer_types``) take repeated form fields or one
-    comma-separated value.
-    """
+
+class _ServiceParams(BaseModel):
+    """The fields only the service has; the library's options are added from QuantizeOptions."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -47,33 +53,6 @@ class QuantizeParams(BaseModel):
         json_schema_extra={"examples": [{"bits": 8, "dynamic": True}, {"bits": 4, "group_size": 128}]},
     )
 
-    bits: int = Field(
-        8,
-        json_schema_extra={"enum": list(VALID_BITS)},
-        description="4 (int4 group-wise weights), 8 (int8) or 16 (fp16; bf16 with dtype='bf16').",
-    )
-    scheme: Literal["symmetric", "asymmetric"] | None = Field(
-        None, description="Weight quantization scheme. Default: symmetric for int8, asymmetric for int4."
-    )
-    dynamic: bool = Field(
-        True,
-        description="True: no calibration data needed (dynamic int8 activations, or weight-only). "
-        "False: static int8, needs calibration data and a runnable model (a zipped Hugging Face folder).",
-    )
-    weight_only: bool = Field(False, description="Quantize weights only; activations stay float.")
-    dtype: Literal["fp16", "bf16"] | None = Field(None, description="Float type for bits=16.")
-    group_size: int | None = Field(None, ge=1, le=65536, description="int4 group size along the input axis.")
-    per_channel: bool | None = Field(None, description="Per output channel weight scales (default) or per tensor.")
-    observer_type: Literal["minmax", "moving_average", "histogram"] | None = Field(
-        None, description="Activation observer for static quantization."
-    )
-    num_calibration_samples: int | None = Field(None, ge=1, le=1_000_000, description="Calibration samples used.")
-    layer_types: list[str] | None = Field(
-        None, description="Layer kinds to quantize: linear, conv1d, conv2d, embedding, lstm, gru."
-    )
-    include: list[str] | None = Field(None, description="Only layers matching these globs (or 're:' regexes).")
-    exclude: list[str] | None = Field(None, description="Skip layers matching these globs (or 're:' regexes).")
-    min_params: int | None = Field(None, ge=0, description="Skip layers with fewer parameters.")
     validate_output: bool = Field(
         True, alias="validate", description="Validate the quantized model and put the metrics in report.json."
     )
@@ -81,61 +60,48 @@ class QuantizeParams(BaseModel):
         None, description="Receives a signed webhook (Standard Webhooks) when the job ends."
     )
 
-    @field_validator("bits")
-    @classmethod
-    def _known_bits(cls, bits: int) -> int:
-        if bits not in VALID_BITS:
-            raise PydanticCustomError(
-                "bits_choice",
-                "bits={bits} is not supported; valid values are 4, 8 and 16",
-                {"bits": bits, "valid": list(VALID_BITS)},
-            )
-        return bits
-
-    @field_validator("layer_types", "include", "exclude", mode="before")
+    @field_validator("layer_types", "include", "exclude", mode="before", check_fields=False)
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            return [part.strip() for item in value for part in str(item).split(",") if part.strip()] or None
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> QuantizeParams:
-        if self.dtype is not None and self.bits != 16:
-            raise PydanticCustomError(
-                "dtype_needs_16_bits",
-                "dtype={dtype} needs bits=16, got bits={bits}",
-                {"dtype": self.dtype, "bits": self.bits},
-            )
-        if not self.dynamic and self.bits != 8:
-            raise PydanticCustomError(
-                "static_needs_int8",
-                "static quantization (dynamic=false) is int8 only, got bits={bits}",
-                {"bits": self.bits},
-            )
-        return self
+        return split_list(value) if isinstance(value, (str, list)) else value
 
     def library_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``mono_quant.quantize()`` (unset options left to its defaults)."""
-        kwargs: dict[str, Any] = {"bits": self.bits, "dynamic": self.dynamic}
-        optional = {
-            "scheme": self.scheme,
-            "dtype": self.dtype,
-            "group_size": self.group_size,
-            "per_channel": self.per_channel,
-            "observer_type": self.observer_type,
-            "num_calibration_samples": self.num_calibration_samples,
-            "layer_types": self.layer_types,
-            "include": self.include,
-            "exclude": self.exclude,
-            "min_params": self.min_params,
-        }
-        kwargs.update({name: value for name, value in optional.items() if value is not None})
-        if self.weight_only:
-            kwargs["weight_only"] = True
-        return kwargs
+        """Keyword arguments for ``mono_quant.quantize()``: the options the caller set (unset
+        ones are left to the library's defaults; ``dynamic`` to :meth:`options`' rule)."""
+        return {name: getattr(self, name) for name in _HTTP_OPTIONS if getattr(self, name) is not None}
+
+    def options(self, has_calibration: bool) -> QuantizeOptions:
+        """The library's options for this job, validated by the library itself (its
+        ConfigurationError answers 422 at submission): int8 without ``dynamic`` is static when
+        calibration data comes with the job and dynamic otherwise."""
+        return QuantizeOptions.for_request(has_calibration, **self.library_kwargs())
+
+
+_HTTP_NOTES = {"dynamic": ". Left out: int8 is static when the job has calibration data, dynamic otherwise."}
+# Every library option the HTTP form takes, its description and enum from the one declaration.
+_HTTP_OPTIONS = option_specs(http=True)
+QuantizeParams = create_model(
+    "QuantizeParams",
+    __base__=_ServiceParams,
+    __doc__="""Parameters of a quantization job, sent as multipart form fields next to the files.
+
+    The library options (``bits``, ``group_size``...) are :class:`mono_quant.core.options.QuantizeOptions`'
+    fields, with their help and valid values; a value the library refuses answers 422 with its
+    suggestion. List fields (``include``, ``exclude``, ``layer_types``) take repeated form fields
+    or one comma-separated value.
+    """,
+    **{
+        name: (
+            _option_annotation(name, default, spec),
+            Field(
+                None,
+                description=spec.help + _HTTP_NOTES.get(name, ""),
+                json_schema_extra={"enum": list(spec.choices)} if spec.choices and name != "layer_types" else None,
+            ),
+        )
+        for name, (default, spec) in _HTTP_OPTIONS.items()
+    },
+)
 
 
 class Progress(BaseModel):

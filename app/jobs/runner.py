@@ -144,20 +144,17 @@ def _execute(
     timings["load_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    kwargs = params.library_kwargs()
+    options = params.options(has_calibration=calibration is not None)
+    kwargs = {**options.given(), "progress_callback": reporter}
+    if options.is_static:
+        kwargs["calibration_batch_size"] = _CALIBRATION_BATCH
     if trusted:
         kwargs["trusted"] = True
     if isinstance(model, str):
         kwargs["device"] = device  # weights files are moved tensor by tensor
     else:
         model = model.to(device)  # a model this worker built itself
-    result = mono_quant.quantize(
-        model,
-        calibration_data=None if params.dynamic else calibration,
-        progress_callback=reporter,
-        calibration_batch_size=_CALIBRATION_BATCH,
-        **kwargs,
-    )
+    result = mono_quant.quantize(model, calibration_data=calibration if options.is_static else None, **kwargs)
     timings["quantize_s"] = time.perf_counter() - started
     if not result.success:
         raise QuantizationError(

@@ -116,7 +116,8 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
     _one_source(model_file, model_id, "model", required=True)
     _one_source(calibration_file, dataset_id, "calibration", required=False)
     has_calibration = calibration_file is not None or dataset_id is not None
-    if not params.dynamic and not params.weight_only and not has_calibration:
+    options = params.options(has_calibration)  # the library's rules: ConfigurationError is a 422 here
+    if options.is_static and not has_calibration:
         raise InputError(
             "static int8 quantization (dynamic=false) needs calibration data",
             suggestion="Send a calibration file (safetensors of input tensors, e.g. input_ids and attention_mask) "
@@ -149,7 +150,7 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
         else {}
     )
     model_format = model_details["format"] if model_file else model_blob.format
-    if not params.dynamic and not params.weight_only and model_format not in _RUNNABLE_FORMATS:
+    if options.is_static and model_format not in _RUNNABLE_FORMATS:
         raise InputError(
             "static quantization needs a model it can run, but a state_dict / weights file has no forward",
             suggestion="Upload a zip of the Hugging Face model folder (config.json + model.safetensors), "

@@ -23,7 +23,9 @@ from typing import Any
 
 import click
 
+from mono_quant.cli.options import collect_options, options_for, quantize_options
 from mono_quant.errors import ConfigurationError, InputError, MonoQuantError
+from mono_quant.export import EXPORT_FORMATS
 
 
 def _fail(exc: BaseException, verbose: bool) -> None:
@@ -62,105 +64,67 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = {"verbose": verbose}
 
 
-def _split(patterns: tuple[str, ...]) -> list[str] | None:
-    items = [p.strip() for value in patterns for p in value.split(",") if p.strip()]
-    return items or None
-
-
 @cli.command()
 @click.argument("model_path", type=click.Path(exists=True, path_type=Path))
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
-@click.option(
-    "--scheme",
-    type=click.Choice(["symmetric", "asymmetric"]),
-    default=None,
-    help="Weight grid (default: symmetric for int8, asymmetric for int4).",
-)
-@click.option(
-    "--dynamic/--static",
-    default=True,
-    show_default=True,
-    help="int8: per-token activations at run time, or calibrated (needs --calibration).",
-)
-@click.option("--weight-only", is_flag=True, help="int8: quantize weights only (most accurate).")
+@quantize_options
 @click.option(
     "--calibration",
     type=click.Path(exists=True, path_type=Path),
     help="Safetensors/.pt file of input tensors for static int8.",
 )
-@click.option("--group-size", type=int, default=128, show_default=True, help="int4 group size.")
+@click.option("--bf16", is_flag=True, help="Same as --dtype bf16 (with --bits 16).")
 @click.option(
-    "--observer", type=click.Choice(["minmax", "moving_average", "histogram"]), default="minmax", show_default=True
+    "--format",
+    "export_format",
+    type=click.Choice(EXPORT_FORMATS),
+    default=None,
+    help="Write this format instead of mono_quant's safetensors (compressed-tensors: a folder).",
 )
-@click.option("--bf16", is_flag=True, help="With --bits 16: bfloat16 instead of float16.")
-@click.option("--include", multiple=True, help="Layer name patterns to quantize (glob or re:...).")
-@click.option("--exclude", multiple=True, help="Layer name patterns to keep in float.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .safetensors file.")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="Tokenizer folder for --format.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output file (or folder).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def quantize(
-    model_path,
-    bits,
-    scheme,
-    dynamic,
-    weight_only,
-    calibration,
-    group_size,
-    observer,
-    bf16,
-    include,
-    exclude,
-    output,
-    progress,
-):
+def quantize(model_path, calibration, bf16, export_format, tokenizer, output, progress, **flags):
     """Quantize a weights file (.safetensors / .pt) or a Hugging Face model folder."""
     from mono_quant import quantize as run_quantize
     from mono_quant.io.formats import quantize_file
     from mono_quant.io.hf import is_hf_folder, load_calibration_file, load_hf_folder
 
-    bits = int(bits)
-    static = bits == 8 and not dynamic and not weight_only
-    if static and calibration is None:
+    given = collect_options(flags)
+    if bf16:
+        given["dtype"] = "bf16"
+    options = options_for(given, has_calibration=calibration is not None)
+    if options.is_static and calibration is None:
         raise InputError(
             "--static needs --calibration FILE",
             suggestion="Pass --calibration calib.safetensors, or use --dynamic / --weight-only.",
         )
-    options: dict[str, Any] = {"include": _split(include), "exclude": _split(exclude)}
+    if calibration is not None and not options.is_static:
+        raise ConfigurationError(
+            f"--calibration is used by static int8, not by {options.mode_name}",
+            suggestion="Drop --calibration, or use --bits 8 --static.",
+        )
+    kwargs = options.given()
+    bits, scheme, dynamic = kwargs.pop("bits", 8), kwargs.pop("scheme", None), kwargs.pop("dynamic", False)
     if is_hf_folder(model_path):
         model = load_hf_folder(model_path)
-    elif model_path.suffix == ".safetensors" and not static:
+    elif model_path.suffix == ".safetensors" and not options.is_static and export_format is None:
         # Files stream tensor by tensor: memory stays flat whatever the model size.
         out = quantize_file(
-            model_path,
-            output,
-            bits=bits,
-            scheme=scheme,
-            group_size=group_size,
-            dynamic=dynamic,
-            weight_only=weight_only,
-            dtype="bf16" if bf16 else None,
-            show_progress=progress,
-            **options,
+            model_path, output, bits=bits, scheme=scheme, dynamic=dynamic, show_progress=progress, **kwargs
         )
         click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, from {model_path.stat().st_size / 1e6:.1f} MB)")
         return
     else:
         model = str(model_path)
-    kwargs: dict[str, Any] = {k: v for k, v in options.items() if v}
-    if bits == 4:
-        kwargs["group_size"] = group_size
-    if bits == 16 and bf16:
-        kwargs["dtype"] = "bf16"
-    if weight_only:
-        kwargs["weight_only"] = True
-    if static:
-        kwargs["observer_type"] = observer
     data = load_calibration_file(calibration) if calibration else None
     result = run_quantize(
         model, bits=bits, dynamic=dynamic, scheme=scheme, calibration_data=data, show_progress=progress, **kwargs
     )
     if not result:
         raise MonoQuantError("quantization failed: " + "; ".join(result.errors))
-    path = result.save(output)
+    if export_format is not None and tokenizer is None and is_hf_folder(model_path):
+        tokenizer = model_path  # a Hugging Face folder carries its tokenizer files
+    path = result.save(output, format=export_format, tokenizer=str(tokenizer) if tokenizer else None)
     info = result.info
     click.echo(f"quantized {len(info.selected_layers)} layers, skipped {len(info.skipped_layers)}; wrote {path}")
     for warning in result.warnings:

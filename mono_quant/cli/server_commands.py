@@ -1,7 +1,7 @@
 """``monoquant serve`` and ``monoquant submit``: the CLI side of the HTTP service.
 
 The library never imports the service package: ``serve`` hands uvicorn an import string, and
-``submit`` loads the HTTP client by name only when it runs (``pip install mono-quant[server]``).
+``submit`` uses :mod:`mono_quant.client` (httpx, from ``pip install mono-quant[server]``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from mono_quant.cli.main import cli
+from mono_quant.cli.options import collect_options, options_for, quantize_options
 from mono_quant.errors import InputError
 
 
@@ -44,51 +45,19 @@ def serve(host: str, port: int, reload: bool) -> None:
 @click.option("--model-id", help="A model uploaded before (POST /v1/models) instead of MODEL_PATH.")
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration tensors file.")
 @click.option("--dataset-id", help="Calibration data uploaded before (POST /v1/datasets).")
-@click.option("--bits", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
-@click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default=None)
-@click.option("--dynamic/--static", default=True, show_default=True)
-@click.option("--weight-only", is_flag=True)
-@click.option("--group-size", type=int, default=None)
-@click.option("--observer", type=click.Choice(["minmax", "moving_average", "histogram"]), default=None)
-@click.option("--include", multiple=True)
-@click.option("--exclude", multiple=True)
+@quantize_options
 @click.option("--wait/--no-wait", default=False, help="Wait for the job (progress bar) and download the result.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where --wait saves model.safetensors.")
 @click.option("--timeout", type=float, default=None, help="Seconds --wait waits at most.")
-def submit(
-    model_path,
-    server,
-    api_key,
-    model_id,
-    calibration,
-    dataset_id,
-    bits,
-    scheme,
-    dynamic,
-    weight_only,
-    group_size,
-    observer,
-    include,
-    exclude,
-    wait,
-    output,
-    timeout,
-):
+def submit(model_path, server, api_key, model_id, calibration, dataset_id, wait, output, timeout, **flags):
     """Run a quantization job on a remote mono_quant service."""
-    client_module = _load("app.client")
+    from mono_quant import client as client_module
+
     if (model_path is None) == (model_id is None):
         raise InputError("give either MODEL_PATH or --model-id", suggestion="monoquant submit model.safetensors ...")
-    params = {
-        "bits": int(bits),
-        "dynamic": dynamic,
-        "scheme": scheme,
-        "weight_only": weight_only or None,
-        "group_size": group_size,
-        "observer_type": observer,
-        "include": [p for p in include] or None,
-        "exclude": [p for p in exclude] or None,
-    }
-    params = {k: v for k, v in params.items() if v is not None}
+    params = collect_options(flags)
+    # the library's rules before anything is uploaded (the service applies the same ones)
+    options_for(params, has_calibration=calibration is not None or dataset_id is not None)
     try:
         with client_module.MonoQuantClient(server, api_key=api_key) as client:
             job = client.submit(model_path, model_id=model_id, calibration=calibration, dataset_id=dataset_id, **params)

@@ -18,20 +18,35 @@ def _job_count(http) -> int:
 
 
 @pytest.mark.parametrize(
-    ("form", "bad_field", "valid_values"),
+    ("form", "detail", "in_suggestion"),
     [
-        ({"bits": "5"}, "bits", ["4", "8", "16"]),
-        ({"scheme": "foo"}, "scheme", ["symmetric", "asymmetric"]),
+        ({"bits": "5"}, "bits=5 is not supported", ["bits=4", "bits=8", "bits=16"]),
+        ({"bits": "4", "group_size": "3"}, "group_size must be a power of two from 16 to 1024, got 3", ["128"]),
+        ({"layer_types": "linear,foo"}, "unknown layer type(s) ['foo']", ["linear", "embedding"]),
+        ({"include": "re:(("}, "invalid regular expression 're:(('", ["glob"]),
+        ({"bits": "8", "dynamic": "true", "observer_type": "histogram"}, "observer_type='histogram' is not used", []),
+        ({"bits": "8", "dtype": "bf16"}, "dtype='bf16' is not used with", ["bits=16"]),
     ],
-    ids=["bits=5", "scheme=foo"],
+    ids=["bits=5", "group_size=3", "layer_types=foo", "bad-regex", "observer-unused", "dtype-needs-16"],
 )
-def test_invalid_parameter_is_422_listing_valid_values(paused_service, tiny_model_file, form, bad_field, valid_values):
+def test_library_rules_answer_422_at_submission_with_the_library_suggestion(
+    paused_service, tiny_model_file, form, detail, in_suggestion
+):
+    """QuantizeOptions validates the form: the library's own message and suggestion, nothing queued."""
     response = paused_service.post("/v1/quantize", files=upload(tiny_model_file), data=form)
     body = assert_problem(response, 422, "configuration-error")
-    assert [error["loc"] for error in body["errors"]] == [["form", bad_field]]
-    for value in valid_values:
-        assert value in body["suggestion"]
-        assert value in body["errors"][0]["msg"]
+    assert body["detail"].startswith(detail)
+    for text in in_suggestion:
+        assert text in body["suggestion"]
+    assert _job_count(paused_service) == 0
+
+
+def test_invalid_enum_value_is_422_listing_valid_values(paused_service, tiny_model_file):
+    response = paused_service.post("/v1/quantize", files=upload(tiny_model_file), data={"scheme": "foo"})
+    body = assert_problem(response, 422, "configuration-error")
+    assert [error["loc"] for error in body["errors"]] == [["form", "scheme"]]
+    for value in ("symmetric", "asymmetric"):
+        assert value in body["suggestion"] and value in body["errors"][0]["msg"]
     assert _job_count(paused_service) == 0
 
 
@@ -198,12 +213,6 @@ def test_job_failing_inside_the_worker_fails_with_the_error_body(service, tiny_m
     assert "config.json" in job["error"]["message"]
     assert job["error"]["suggestion"]
     assert_problem(service.get(f"/v1/jobs/{job['id']}/artifacts"), 409, "conflict-error")
-
-
-def test_wrong_dtype_bits_combination_is_422(paused_service, tiny_model_file):
-    response = paused_service.post("/v1/quantize", files=upload(tiny_model_file), data={"bits": "8", "dtype": "bf16"})
-    body = assert_problem(response, 422, "configuration-error")
-    assert "bits=16" in body["errors"][0]["msg"]
 
 
 def test_unknown_form_field_is_422(paused_service, tiny_model_file):
