@@ -113,7 +113,9 @@ def check(info: Any) -> None:
     ``info`` is a :class:`~mono_quant.core.quantizers.QuantizationInfo` or a plain mapping
     with the keys ``bits``, ``mode`` ("dynamic" | "weight_only" | "static" | "cast"),
     ``symmetric`` and ``group_size`` (what the service has at submission, before any
-    quantization ran). With a ``QuantizationInfo`` the per-layer configs are checked too.
+    quantization ran; ``group_size=None`` means per channel for int8 and the default 128 for
+    int4). With a ``QuantizationInfo`` (or a ``layer_configs`` key) the per-layer configs are
+    checked too: recurrent layers and int4 embeddings are refused.
 
     Example:
         >>> check({"bits": 4, "mode": "weight_only", "symmetric": False, "group_size": 128})
@@ -183,12 +185,7 @@ def _int4_embedding(name: str) -> ConfigurationError:
 
 
 def _check_group(group_size: int | None, bits: int | None, mode: str | None, where: str) -> None:
-    if group_size is None:
-        if bits == 4:
-            raise ConfigurationError(
-                f"{where}: int4 weights need a group_size for MatMulNBits",
-                suggestion="Pass group_size=128 (or 32/64).",
-            )
+    if group_size is None:  # per channel (int8), or int4's default group size (128)
         return
     if mode in ("dynamic", "static"):
         raise ConfigurationError(
@@ -438,6 +435,7 @@ class _GraphRewriter:
         self._to_array = numpy_helper.to_array
         self._from_array = numpy_helper.from_array
         self._new_initializers: dict[str, Any] = {}
+        self._by_stem: dict[str, str] = {}
         self._counter = 0
 
     def array(self, name: str) -> np.ndarray | None:
@@ -496,7 +494,11 @@ class _GraphRewriter:
         return f"{stem}__mq{self._counter}"
 
     def _add(self, array: np.ndarray, stem: str) -> str:
-        name = self._name(stem)
+        """A new initializer; one per ``stem`` (layer name + role), so a layer called twice in
+        forward, or two layers sharing a module, store their integers once."""
+        if stem in self._by_stem:
+            return self._by_stem[stem]
+        name = self._by_stem[stem] = self._name(stem)
         self._new_initializers[name] = self._from_array(np.ascontiguousarray(array), name)
         return name
 

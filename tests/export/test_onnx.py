@@ -307,18 +307,20 @@ def test_float_zero_points_export_as_matmulnbits_float_zero_points(small_models,
         {"bits": 8, "mode": "bf16", "symmetric": True, "group_size": None},
         {"bits": 4, "mode": "dynamic", "symmetric": False, "group_size": 128},
         {"bits": 4, "mode": "weight_only", "symmetric": False, "group_size": 8},
-        {"bits": 4, "mode": "weight_only", "symmetric": False, "group_size": None},
         {"bits": 8, "mode": "dynamic", "symmetric": True, "group_size": 64},
         {"bits": 8, "mode": "static", "symmetric": True, "group_size": 128},
+        {"bits": 8, "mode": "dynamic", "layer_configs": {"lstm": {"kind": "QuantizedLSTM", "bits": 8}}},
+        {"bits": 4, "mode": "weight_only", "layer_configs": {"emb": {"kind": "QuantizedEmbedding", "bits": 4}}},
     ],
     ids=[
         "fp16-cast",
         "unknown-mode",
         "int4-dynamic",
         "group-below-16",
-        "int4-no-group",
         "dynamic-grouped",
         "static-grouped",
+        "lstm-layer",
+        "int4-embedding",
     ],
 )
 def test_check_refuses_what_onnx_cannot_express(options):
@@ -335,8 +337,9 @@ def test_check_refuses_what_onnx_cannot_express(options):
         {"bits": 8, "mode": "weight_only", "symmetric": False, "group_size": 32},
         {"bits": 8, "mode": "static", "symmetric": True, "group_size": None},
         {"bits": 4, "mode": "weight_only", "symmetric": True, "group_size": 128},
+        {"bits": 4, "mode": "weight_only", "symmetric": False, "group_size": None},  # the default 128
     ],
-    ids=["int8-dynamic", "int8-weight-only-grouped", "int8-static", "int4-symmetric"],
+    ids=["int8-dynamic", "int8-weight-only-grouped", "int8-static", "int4-symmetric", "int4-default-group"],
 )
 def test_check_accepts_what_onnx_expresses(options):
     get_format("onnx").check(options)
