@@ -114,8 +114,9 @@ def check(info: Any) -> None:
     with the keys ``bits``, ``mode`` ("dynamic" | "weight_only" | "static" | "cast"),
     ``symmetric`` and ``group_size`` (what the service has at submission, before any
     quantization ran; ``group_size=None`` means per channel for int8 and the default 128 for
-    int4). With a ``QuantizationInfo`` (or a ``layer_configs`` key) the per-layer configs are
-    checked too: recurrent layers and int4 embeddings are refused.
+    int4), or a :class:`~mono_quant.core.options.QuantizeOptions`. With a ``QuantizationInfo``
+    (or a ``layer_configs`` key) the per-layer configs are checked too: recurrent layers and
+    int4 embeddings are refused. ``symmetric`` never matters: both grids are expressible.
 
     Example:
         >>> check({"bits": 4, "mode": "weight_only", "symmetric": False, "group_size": 128})
@@ -127,6 +128,9 @@ def check(info: Any) -> None:
         bits, mode = info.get("bits"), info.get("mode")
         group_size = info.get("group_size")
         layer_configs: Mapping = info.get("layer_configs") or {}
+    elif hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
+        bits, group_size, layer_configs = info.bits, info.group_size, {}
+        mode = "cast" if bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
     else:
         bits, mode = getattr(info, "bits", None), getattr(info, "mode", None)
         group_size = getattr(info, "group_size", None)

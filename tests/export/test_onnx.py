@@ -345,6 +345,15 @@ def test_check_accepts_what_onnx_expresses(options):
     get_format("onnx").check(options)
 
 
+def test_check_reads_quantize_options():
+    options = pytest.importorskip("mono_quant.core.options")
+    check = get_format("onnx").check
+    check(options.QuantizeOptions.from_kwargs(bits=4, group_size=64))
+    check(options.QuantizeOptions.from_kwargs(bits=8, dynamic=True))
+    with pytest.raises(ConfigurationError):
+        check(options.QuantizeOptions.from_kwargs(bits=16))
+
+
 def test_fp16_result_is_refused_before_any_file(tmp_path):
     result = quantize(_mlp().eval(), bits=16)
     with pytest.raises(ConfigurationError) as excinfo:
