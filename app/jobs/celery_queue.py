@@ -51,6 +51,7 @@ from typing import Any
 from celery import Celery, bootsteps
 
 from app.config import Settings, get_settings
+from app.jobs.lifecycle import fail_timed_out, recover_lost_job
 from app.jobs.queue import register_queue
 from app.jobs.store import TERMINAL, JobRow, JobStore
 from mono_quant.errors import ConfigurationError
@@ -93,10 +94,6 @@ _LEASE_TTL_S = 20.0  # a worker silent this long is dead: its job may be taken o
 _HEARTBEAT_S = 5.0
 _SWEEP_S = 10.0
 _REDIS_TIMEOUT_S = 5.0
-_WORKER_LOST_SUGGESTION = (
-    "Submit the job again. If it keeps failing, the model may exhaust the worker's memory: "
-    "try a smaller model, or ask the operator for a bigger worker."
-)
 
 # Compare-and-set scripts: a lease is only refreshed or released by the worker that holds it.
 _REFRESH_LUA = (
@@ -243,26 +240,14 @@ def _run_task(task: Any, job_id: str) -> str | None:
 
 
 def _recover(settings: Settings, store: JobStore, job: JobRow, reason: str) -> bool:
-    """A "running" job nobody runs (its worker died). Queue it again if it has attempts left,
-    else end it. True when the job is queued again. Call it holding the job's lease."""
+    """A "running" job nobody runs (its worker died): the lifecycle rules decide (queued again,
+    cancelled or failed). True when the job is queued again. Call it holding the job's lease."""
     from app.jobs.runner import notify_job_end
 
-    if job.cancel_requested:
-        ended = store.finish(job.id, "cancelled", attempt=job.attempt)
-    elif job.attempt < settings.max_attempts:
-        logger.warning("job %s: %s (worker %s); queued again after attempt %d", job.id, reason, job.worker, job.attempt)
-        return store.requeue(job.id, f"{reason}; retrying")  # the worker id is logged, not shown to tenants
-    else:
-        logger.warning("job %s: %s (worker %s); no attempts left", job.id, reason, job.worker)
-        error = {
-            "type": "WorkerLost",
-            "message": f"the job was interrupted: {reason}, after {job.attempt} attempt(s)",
-            "suggestion": _WORKER_LOST_SUGGESTION,
-        }
-        ended = store.finish(job.id, "failed", attempt=job.attempt, error=error)
-    if ended:
+    outcome = recover_lost_job(settings, store, job, reason)
+    if outcome in ("failed", "cancelled"):
         notify_job_end(settings, store, job.id)
-    return False
+    return outcome == "queued"
 
 
 class _Lease:
@@ -318,18 +303,11 @@ class _Watchdog:
         if self._done.wait(limits["soft"]):
             return
         job = self.store.get_job(self.job_id)
-        if job is not None and job.status == "running" and job.worker == self.worker:
-            error = {
-                "type": "JobTimeout",
-                "message": f"the job ran longer than {self.settings.job_timeout_s:g} s and was stopped",
-                "suggestion": "Quantize a smaller model or fewer calibration samples, "
-                "or ask the operator to raise MONOQUANT_JOB_TIMEOUT_S.",
-            }
-            if self.store.finish(self.job_id, "failed", attempt=job.attempt, error=error):
-                logger.error("job %s: time limit of %g s reached, failed", self.job_id, limits["soft"])
-                from app.jobs.runner import notify_job_end
+        if job is not None and job.worker == self.worker and fail_timed_out(self.settings, self.store, job):
+            logger.error("job %s: time limit of %g s reached, failed", self.job_id, limits["soft"])
+            from app.jobs.runner import notify_job_end
 
-                notify_job_end(self.settings, self.store, self.job_id)
+            notify_job_end(self.settings, self.store, self.job_id)
         if self._done.wait(limits["hard"] - limits["soft"]):
             return
         # Stuck inside one long operation: only ending the process stops it. The message is

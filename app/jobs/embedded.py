@@ -9,8 +9,9 @@ The supervisor thread in the API process:
   fresh worker started on demand), then is marked cancelled;
 * enforces ``job_timeout_s`` the same way;
 * recovers: a job found "running" whose worker process is gone (the worker crashed, or
-  the whole server was killed and restarted) is queued again if it has attempts left
-  (``max_attempts``), otherwise failed with a reason saying so. Never "running" forever.
+  the whole server was killed and restarted) goes to :mod:`app.jobs.lifecycle`, which
+  queues it again while it has attempts left, otherwise fails it with a reason saying so.
+  Never "running" forever.
 
 Workers exit on their own when the API process dies (they watch their parent), so a killed
 server leaves no orphan that could finish a job another run has taken over; even then the
@@ -30,6 +31,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from app.config import Settings
+from app.jobs.lifecycle import fail_timed_out, recover_lost_job
 from app.jobs.queue import register_queue
 from app.jobs.store import JobRow, JobStore
 
@@ -194,13 +196,7 @@ class EmbeddedQueue:
             elif job.status == "running" and now - slot.since > self.settings.job_timeout_s:
                 self._stop_worker(slot, graceful=False)
                 slot.job_id = None
-                error = {
-                    "type": "JobTimeout",
-                    "message": f"the job ran longer than {self.settings.job_timeout_s:g} s and was stopped",
-                    "suggestion": "Quantize a smaller model or fewer calibration samples, "
-                    "or ask the operator to raise MONOQUANT_JOB_TIMEOUT_S.",
-                }
-                if self.store.finish(job_id, "failed", error=error):
+                if fail_timed_out(self.settings, self.store, job):
                     self._notify(job_id)
 
     def _dispatch(self) -> None:
@@ -248,21 +244,12 @@ class EmbeddedQueue:
 
     def _recover(self, job_id: str, reason: str) -> None:
         job = self.store.get_job(job_id)
-        if job is None or job.status != "running":
+        if job is None:
             return
-        if job.attempt < self.settings.max_attempts:
-            logger.warning("job %s: %s; queued again (attempt %d done)", job_id, reason, job.attempt)
-            self.store.requeue(job_id, f"{reason}; retrying")
+        outcome = recover_lost_job(self.settings, self.store, job, reason)
+        if outcome == "queued":
             self._wake.set()
-            return
-        logger.warning("job %s: %s; no attempts left, failed", job_id, reason)
-        error = {
-            "type": "WorkerLost",
-            "message": f"the job was interrupted: {reason}, after {job.attempt} attempt(s)",
-            "suggestion": "Submit the job again. If it keeps failing, the model may exhaust the worker's memory: "
-            "try a smaller model, or ask the operator for a bigger worker.",
-        }
-        if self.store.finish(job_id, "failed", attempt=job.attempt, error=error):
+        elif outcome in ("failed", "cancelled"):
             self._notify(job_id)
 
     # -- worker processes -------------------------------------------------------------------------
