@@ -1,0 +1,48 @@
+"""Accuracy algorithms, as pure building blocks the quantizers call.
+
+* :mod:`.hqq`: data-free half-quadratic refinement of group qparams (float zero points).
+* :mod:`.gptq`: Hessian-aware rounding from calibration inputs, per weight and per model.
+* :mod:`.smoothing`: SmoothQuant scales folded into norms / value projections, or returned as
+  input scales for the activation quantizer.
+
+Each takes and returns plain tensors / :class:`~mono_quant.core.schemes.QuantizedTensor`;
+none modifies a caller's model except :func:`apply_smoothing`, which is documented to work in
+place on the copy it is given.
+"""
+
+from mono_quant.core.algorithms._groups import dequantize_groups, group_bounds, rtn_quantize_weight
+from mono_quant.core.algorithms.gptq import (
+    GPTQ_DEFAULT_MIN_TOKENS,
+    GPTQFallbackWarning,
+    HessianAccumulator,
+    gptq_quantize_model,
+    gptq_quantize_weight,
+)
+from mono_quant.core.algorithms.hqq import HQQ_DEFAULT_ITERATIONS, hqq_quantize_weight
+from mono_quant.core.algorithms.smoothing import (
+    DEFAULT_SMOOTHING_ALPHA,
+    SmoothingGroup,
+    apply_smoothing,
+    collect_activation_absmax,
+    smoothing_plan,
+    smoothing_scales,
+)
+
+__all__ = [
+    "hqq_quantize_weight",
+    "HQQ_DEFAULT_ITERATIONS",
+    "HessianAccumulator",
+    "gptq_quantize_weight",
+    "gptq_quantize_model",
+    "GPTQFallbackWarning",
+    "GPTQ_DEFAULT_MIN_TOKENS",
+    "SmoothingGroup",
+    "collect_activation_absmax",
+    "smoothing_scales",
+    "smoothing_plan",
+    "apply_smoothing",
+    "DEFAULT_SMOOTHING_ALPHA",
+    "rtn_quantize_weight",
+    "dequantize_groups",
+    "group_bounds",
+]

@@ -1,0 +1,250 @@
+"""SmoothQuant: move activation outliers into the weights with a per-input-channel scale.
+
+After Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large
+Language Models" (2022), reference ``smooth.py`` in mit-han-lab/smoothquant (``smooth_ln_fcs``,
+``smooth_lm``). For a Linear ``y = x W^T`` and a positive scale ``s [K]``,
+``y = (x / s) (W * s)^T`` exactly; with
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)     (W_j: column j of every Linear reading x)
+
+the activation's outlier channels shrink and the weights' matching columns grow, which
+per-token int8 activations tolerate far better. ``1 / s`` is folded into whatever produces
+``x`` when that is free:
+
+* a pre-norm block's RMSNorm/LayerNorm (Llama's ``input_layernorm`` -> q/k/v,
+  ``post_attention_layernorm`` -> gate/up: the reference's Llama rule): weight (and bias)
+  divided by ``s``; the norm's output feeds only those Linears, the residual bypasses it;
+* the value projection, for the attention output projection (``o_proj``, BERT's
+  ``attention.output.dense``): the attention mixes tokens, never channels, so scaling V's
+  output channel ``j`` scales the context's channel ``j``. Only when every query head has its
+  own value head (no grouped-query attention, where one V channel feeds several heads).
+
+Where no free fold exists the scale is returned as an *input scale*: the Linear's weight is
+multiplied by ``s`` here and the activation quantizer must divide its input by ``s`` (fused
+into the per-token quantization step). That covers the FFN down projections (their input
+comes from an activation function), grouped-query ``o_proj`` and all of BERT's other Linears:
+BERT is post-norm, so a LayerNorm's output is also the residual stream and folding ``1/s``
+into it would change the model (the reference does not smooth BERT at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from mono_quant.core.calibration import run_batch
+from mono_quant.errors import ConfigurationError, InputError
+
+__all__ = [
+    "SmoothingGroup",
+    "collect_activation_absmax",
+    "smoothing_scales",
+    "smoothing_plan",
+    "apply_smoothing",
+    "DEFAULT_SMOOTHING_ALPHA",
+]
+
+DEFAULT_SMOOTHING_ALPHA = 0.5
+# The reference clamps both the weight maxima and the scales at 1e-5.
+_MIN_MAGNITUDE = 1e-5
+
+
+class SmoothingGroup(NamedTuple):
+    """Linears reading one activation, and where their ``1 / scales`` goes.
+
+    ``source``: name of the norm or value-projection Linear whose output channels are divided
+    by ``scales``, or None when the scale cannot be folded (an input scale for the activation
+    quantizer). ``linears``: names of the Linears whose weight columns are multiplied by
+    ``scales [K]``.
+    """
+
+    source: str | None
+    linears: list[str]
+    scales: torch.Tensor
+
+
+def collect_activation_absmax(
+    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel ``max |x|`` over every calibration token of each named Linear.
+
+    ``batches``: as :func:`mono_quant.core.calibration.run_batch` takes them. Returns
+    ``{name: Tensor [in_features]}`` fp32, on the model's device. The model is only read.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> collect_activation_absmax(net, [torch.tensor([[1.0, -2.0, 0.0, 0.5]])], ["0"])["0"]
+        tensor([1.0000, 2.0000, 0.0000, 0.5000])
+    """
+    modules = dict(model.named_modules())
+    names = list(layer_names)
+    absmax: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ConfigurationError(
+                f"smoothing target {name!r} is {'missing' if module is None else type(module).__name__}, not a Linear",
+                suggestion="Name the model's Linear layers (model.named_modules()).",
+            )
+
+        def hook(mod, args, _name=name):
+            x = args[0].detach()
+            current = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            previous = absmax.get(_name)
+            absmax[_name] = current if previous is None else torch.maximum(previous, current)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_batch(model, batch, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name in names if name not in absmax]
+    if missing:
+        raise InputError(
+            f"{len(missing)} Linear(s) never ran on the calibration data, e.g. {missing[0]!r}",
+            suggestion="Use calibration inputs that exercise every layer, or leave those layers out.",
+        )
+    return absmax
+
+
+def smoothing_scales(activation_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``s [K] = max|X|^alpha / max|W|^(1 - alpha)``, the weight max over every ``[N_i, K]``
+    weight reading the activation. Channels never active (or with all-zero weights) get 1."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigurationError(
+            f"smoothing alpha must be in [0, 1], got {alpha!r}",
+            suggestion="Use 0.5 (the reference's default); 0.8-0.85 moves more into the weights.",
+        )
+    act = activation_absmax.float()
+    weight_max = torch.stack([w.detach().abs().amax(dim=0).float().to(act.device) for w in weights]).amax(dim=0)
+    scales = act.pow(alpha) / weight_max.clamp(min=_MIN_MAGNITUDE).pow(1.0 - alpha)
+    dead = (act <= 0) | (weight_max <= 0) | ~torch.isfinite(scales)
+    return torch.where(dead, torch.ones_like(scales), scales.clamp(min=_MIN_MAGNITUDE))
+
+
+def _norm_like(module: nn.Module | None) -> bool:
+    """A per-channel affine norm whose output is ``normalised * weight (+ bias)``."""
+    if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return False
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _attr(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _block_rules(name: str, block: nn.Module) -> list[tuple[str | None, list[str]]]:
+    """``[(source or None, [linear paths])]`` for one recognised block, paths relative to it."""
+    prefix = f"{name}." if name else ""
+    rules: list[tuple[str | None, list[str]]] = []
+    attn = _attr(block, "self_attn")
+    mlp = _attr(block, "mlp")
+    if attn is not None and mlp is not None and _norm_like(_attr(block, "input_layernorm")):
+        # Pre-norm decoder (Llama, Mistral, Qwen2): the reference's smooth_ln_fcs_llama_like.
+        qkv = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj") if _attr(attn, p) is not None]
+        rules.append(("input_layernorm", qkv))
+        ffn_in = [f"mlp.{p}" for p in ("gate_proj", "up_proj") if _attr(mlp, p) is not None]
+        post = "post_attention_layernorm" if _norm_like(_attr(block, "post_attention_layernorm")) else None
+        rules.append((post, ffn_in))
+        value, output = _attr(attn, "v_proj"), _attr(attn, "o_proj")
+        if isinstance(value, nn.Linear) and isinstance(output, nn.Linear):
+            foldable = value.out_features == output.in_features  # no grouped-query sharing
+            rules.append(("self_attn.v_proj" if foldable else None, ["self_attn.o_proj"]))
+        rules.append((None, ["mlp.down_proj"]))
+    elif _attr(block, "attention.self.query") is not None and _attr(block, "intermediate.dense") is not None:
+        # BERT (post-norm): only the value -> attention output fold is free.
+        rules.append((None, [f"attention.self.{p}" for p in ("query", "key", "value")]))
+        rules.append(("attention.self.value", ["attention.output.dense"]))
+        rules.append((None, ["intermediate.dense"]))
+        rules.append((None, ["output.dense"]))
+    return [(None if src is None else prefix + src, [prefix + lin for lin in lins]) for src, lins in rules]
+
+
+def smoothing_plan(
+    model: nn.Module, activation_absmax: dict[str, torch.Tensor], alpha: float = DEFAULT_SMOOTHING_ALPHA
+) -> list[SmoothingGroup]:
+    """Where each Linear in ``activation_absmax`` gets its smoothing scale and its ``1 / s``.
+
+    Recognised blocks (pre-norm decoders with ``input_layernorm``/``self_attn``/``mlp``, BERT
+    layers) give the folds described in the module docstring; Linears sharing an input share
+    one scale. Any other Linear in ``activation_absmax`` gets an unfoldable group of its own.
+    Reads the model only.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> plan = smoothing_plan(net, {"0": torch.tensor([1.0, 8.0, 1.0, 1.0])})
+        >>> plan[0].source, plan[0].linears
+        (None, ['0'])
+    """
+    modules = dict(model.named_modules())
+    planned: list[tuple[str | None, list[str]]] = []
+    covered: set[str] = set()
+    for name, module in modules.items():
+        for source, linears in _block_rules(name, module):
+            present = [lin for lin in linears if lin in activation_absmax and lin not in covered]
+            if not present:
+                continue
+            if source is not None and len(present) != len(linears):
+                source = None  # a fold changes every reader of the source: all must be smoothed
+            planned.append((source, present))
+            covered.update(present)
+    planned.extend((None, [name]) for name in activation_absmax if name not in covered)
+    plan = []
+    for source, linears in planned:
+        weights = [modules[lin].weight for lin in linears]
+        # Linears sharing an input saw the same activation: their maxima agree; take the max anyway.
+        act = torch.stack([activation_absmax[lin].float() for lin in linears]).amax(dim=0)
+        plan.append(SmoothingGroup(source, linears, smoothing_scales(act, weights, alpha)))
+    return plan
+
+
+@torch.no_grad()
+def apply_smoothing(model: nn.Module, plan: list[SmoothingGroup]) -> dict[str, torch.Tensor]:
+    """Apply ``plan`` to ``model`` **in place** (pass a copy): ``1 / s`` into each source,
+    ``s`` into each Linear's weight columns. The float model's outputs are unchanged.
+
+    Returns ``{linear name: s [K]}`` for the Linears whose scale has no source: their input
+    must be divided by ``s`` at run time (fused into the activation quantization step).
+    """
+    modules = dict(model.named_modules())
+    input_scales: dict[str, torch.Tensor] = {}
+    for group in plan:
+        if group.source is not None:
+            source = modules[group.source]
+            if isinstance(source, nn.Linear):  # output channel j of the source = input channel j
+                scales = group.scales.to(device=source.weight.device, dtype=source.weight.dtype)
+                source.weight.div_(scales.unsqueeze(1))
+            elif _norm_like(source):
+                scales = group.scales.to(device=source.weight.device, dtype=source.weight.dtype)
+                source.weight.div_(scales)
+            else:
+                raise ConfigurationError(
+                    f"smoothing source {group.source!r} is a {type(source).__name__}, not a norm or Linear",
+                    suggestion="Build the plan with smoothing_plan() on this model.",
+                )
+            if getattr(source, "bias", None) is not None:
+                source.bias.div_(scales)
+        for name in group.linears:
+            linear = modules[name]
+            linear.weight.mul_(group.scales.to(device=linear.weight.device, dtype=linear.weight.dtype).unsqueeze(0))
+            if group.source is None:
+                input_scales[name] = group.scales.clone()
+    return input_scales
