@@ -1,10 +1,11 @@
 """The pages people open in a browser, served entirely by the service (air-gapped networks):
 
 * ``/`` the job page (``app/static``: plain HTML, CSS and JS, no build step, no CDN);
-* ``/docs`` Swagger UI and ``/redoc`` ReDoc, per FastAPI's self-hosting recipe
-  (``docs_url=None`` + ``get_swagger_ui_html`` / ``get_redoc_html`` with local URLs). The
-  assets come from the pinned ``fastapi-offline`` package (Swagger UI 5, ReDoc 2): the
-  schema is OpenAPI 3.1, which Swagger UI 4 (``swagger-ui-bundle``) refuses to render.
+* ``/docs`` Swagger UI, per FastAPI's self-hosting recipe (``docs_url=None`` +
+  ``get_swagger_ui_html`` with local URLs). The assets come from the pinned
+  ``fastapi-offline`` package (Swagger UI 5): the schema is OpenAPI 3.1, which Swagger UI 4
+  (``swagger-ui-bundle``) refuses to render. ReDoc is off: its bundle hard-codes an image
+  from its vendor's CDN (the "API docs by Redocly" footer), an external request offline.
 
 None of these routes is in the OpenAPI schema, and none needs a key: the pages hold no data;
 the job page asks the API, with the key the user types in, for everything it shows.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -58,18 +59,6 @@ def swagger_ui(request: Request) -> HTMLResponse:
 @router.get(_OAUTH2_REDIRECT, response_class=HTMLResponse)
 def swagger_ui_redirect() -> HTMLResponse:
     return get_swagger_ui_oauth2_redirect_html()
-
-
-@router.get("/redoc", response_class=HTMLResponse)
-def redoc(request: Request) -> HTMLResponse:
-    root = _root(request)
-    return get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title=f"{request.app.title} - ReDoc",
-        redoc_js_url=f"{root}{_DOCS_ASSETS}/redoc.standalone.js",
-        redoc_favicon_url=f"{root}{_DOCS_ASSETS}/favicon.png",
-        with_google_fonts=False,
-    )
 
 
 def install_pages(app: FastAPI) -> None:
