@@ -1,0 +1,316 @@
+"""compressed-tensors export, proven by its real consumer: transformers + compressed-tensors
+(``from_pretrained``), on MiniLM (embeddings) and SmolLM2-135M (perplexity).
+
+Scales are written in fp32 and loaded into fp32 models, so the consumer's decompressed weights
+are compared with ours by ``torch.equal``. Outputs: cosine >= 0.999 (every sentence) weight-only.
+W8A8: the consumer re-quantizes activations on its own grid (per token, max / 127.5 where we use
+max / 127), an independent rounding of the same size as ours: mean cosine >= 0.995, every
+sentence >= 0.99, and the consumer is as close to the float model as we are (within 0.002).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mono_quant
+from mono_quant.errors import ConfigurationError
+from mono_quant.export import compressed_tensors as ct_export
+
+ct = pytest.importorskip("compressed_tensors")
+pytest.importorskip("transformers")
+
+MINILM_CASES = {
+    "w8a8-dynamic": dict(bits=8, dynamic=True),
+    "w8a8-static": dict(bits=8, dynamic=False),  # calibration_data added by the fixture
+    "w8a16": dict(bits=8, weight_only=True),
+    "w4a16-sym": dict(bits=4, scheme="symmetric", group_size=128),
+    "w4a16-asym": dict(bits=4, group_size=128),
+}
+EXPECTED_FORMAT = {
+    "w8a8-dynamic": "int-quantized",
+    "w8a8-static": "int-quantized",
+    "w8a16": "pack-quantized",
+    "w4a16-sym": "pack-quantized",
+    "w4a16-asym": "pack-quantized",
+}
+
+
+def load_consumer(folder: Path, auto_class, dequantize: bool):
+    from transformers import CompressedTensorsConfig
+
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return auto_class.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    from mono_quant.modules import QuantizedLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def assert_same_weights(ours: nn.Module, theirs: nn.Module) -> None:
+    layers = quantized_linears(ours)
+    assert layers
+    for name, layer in layers.items():
+        weight = theirs.get_submodule(name).weight
+        assert weight.dtype == torch.float32, name
+        assert torch.equal(weight, layer.dequantized_weight()), name
+
+
+# -- fast checks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "facts",
+    [
+        dict(mode="cast", bits=16),
+        dict(mode="weight_only", bits=8, symmetric=False),
+        dict(mode="dynamic", bits=4, symmetric=True, group_size=128),
+        dict(mode="state_dict_weight_only", bits=4, symmetric=False),
+        dict(mode="dynamic", bits=8, symmetric=True, layer_configs={"conv": {"kind": "QuantizedConv2d", "bits": 8}}),
+    ],
+    ids=["cast", "int8-asym", "int4-dynamic", "state-dict", "conv"],
+)
+def test_check_refuses_what_compressed_tensors_cannot_represent(facts):
+    with pytest.raises(ConfigurationError) as err:
+        ct_export.check(facts)
+    assert err.value.suggestion
+    with pytest.raises(ConfigurationError):
+        ct_export.check(**facts)
+
+
+def test_check_accepts_and_leaves_the_head_to_float():
+    ct_export.check(mode="weight_only", bits=4, symmetric=False, group_size=128)
+    # an asymmetric int8 head in an int4 run is written in float: not a reason to refuse
+    ct_export.check(
+        mode="weight_only",
+        bits=4,
+        symmetric=False,
+        layer_configs={"lm_head": {"kind": "QuantizedLinear", "bits": 8, "symmetric": False}},
+    )
+
+
+def test_save_refuses_cast_and_non_transformers_models(tmp_path):
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(ConfigurationError, match="cast") as err:
+        mono_quant.quantize(mlp, bits=16).save(tmp_path / "a", format="compressed-tensors")
+    assert err.value.suggestion
+    with pytest.raises(ConfigurationError, match="transformers model"):
+        mono_quant.quantize(mlp, bits=8, dynamic=True).save(tmp_path / "b", format="compressed-tensors")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("cols", [64, 72, 100])
+def test_packing_matches_compressed_tensors(bits, cols):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    torch.manual_seed(bits + cols)
+    offset = 1 << (bits - 1)
+    signed = torch.randint(-offset, offset, (12, cols), dtype=torch.int8)
+    ours = ct_export.pack_to_int32(signed.to(torch.int32) + offset, bits)
+    assert torch.equal(ours, pack_to_int32(signed, bits))
+    assert torch.equal(unpack_from_int32(ours, bits, torch.Size([12, cols])), signed)
+    # zero points: packed along the output dimension
+    zp_ours = ct_export.pack_to_int32((signed.to(torch.int32) + offset).t().contiguous(), bits).t()
+    assert torch.equal(zp_ours, pack_to_int32(signed, bits, packed_dim=0))
+
+
+def test_partial_last_group_is_written_exactly():
+    """576 features in groups of 128 (the last one 64 wide) become groups of 64 with each
+    scale repeated: the dequantized weight is the same."""
+    torch.manual_seed(0)
+    rows, cols, group = 4, 576, 128
+    q = torch.randint(0, 16, (rows, cols)).float()
+    scale = torch.rand(rows, 5) + 0.1
+    zp = torch.randint(0, 16, (rows, 5)).float()
+    widths = torch.tensor([128, 128, 128, 128, 64])
+    expected = (q - zp.repeat_interleave(widths, 1)) * scale.repeat_interleave(widths, 1)
+    new_scale, new_group = ct_export.expand_group_qparams(scale, cols, group)
+    new_zp, _ = ct_export.expand_group_qparams(zp, cols, group)
+    assert new_group == 64 and new_scale.shape == (rows, 9)
+    got = (q - new_zp.repeat_interleave(new_group, 1)) * new_scale.repeat_interleave(new_group, 1)
+    assert torch.equal(got, expected)
+    with pytest.raises(ConfigurationError):
+        ct_export.expand_group_qparams(scale[:, :4], cols, group)
+
+
+# -- MiniLM -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm_exports(tmp_path_factory):
+    from mono_quant.testing import SENTENCES, embed, load_minilm, tokenize
+
+    model, tokenizer = load_minilm()
+    batch = tokenize(tokenizer, SENTENCES[:16])
+    calibration = [dict(tokenize(tokenizer, SENTENCES[16:48]))]
+    folder = tmp_path_factory.mktemp("ct_minilm")
+    exports = {"float": embed(model, batch)}
+    for case, options in MINILM_CASES.items():
+        extra = {"calibration_data": calibration} if case == "w8a8-static" else {}
+        result = mono_quant.quantize(model, **options, **extra)
+        path = result.save(folder / case, format="compressed-tensors", tokenizer=tokenizer)
+        exports[case] = (result, path, embed(result.model, batch))
+    return exports, batch, folder
+
+
+@pytest.mark.slow
+@pytest.mark.minilm
+@pytest.mark.consumer
+@pytest.mark.parametrize("case", list(MINILM_CASES))
+def test_minilm_transformers_loads_our_weights_and_outputs(minilm_exports, case):
+    from transformers import AutoModel
+
+    from mono_quant.testing import cosine_stats, embed
+
+    exports, batch, _ = minilm_exports
+    result, path, ours = exports[case]
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["quantization_status"] == "compressed"
+    assert config["format"] == EXPECTED_FORMAT[case]
+    assert (path / "tokenizer.json").is_file()
+
+    dense = load_consumer(path, AutoModel, dequantize=True)
+    assert_same_weights(result.model, dense)
+    weight_only = case.startswith(("w8a16", "w4a16"))
+    if case == "w4a16-asym":
+        # Known consumer bug (transformers 5.24 + compressed-tensors 0.20): the default path sizes
+        # the packed zero point as unpacked and refuses the checkpoint. When this stops raising,
+        # upstream fixed it: drop this branch and compare the default path too.
+        with pytest.raises(RuntimeError, match="mismatched"):
+            load_consumer(path, AutoModel, dequantize=False)
+        consumer = dense
+    else:
+        consumer = load_consumer(path, AutoModel, dequantize=False)
+    theirs = embed(consumer, batch)
+    stats = cosine_stats(ours, theirs)
+    to_float = cosine_stats(exports["float"], theirs)["mean"], cosine_stats(exports["float"], ours)["mean"]
+    print(
+        f"minilm {case}: transformers vs mono_quant cosine {stats}; "
+        f"vs float: theirs {to_float[0]:.5f}, ours {to_float[1]:.5f}"
+    )
+    if weight_only:
+        assert stats["min"] >= 0.999, stats
+    else:
+        assert stats["mean"] >= 0.995 and stats["min"] >= 0.99, stats
+        assert abs(to_float[0] - to_float[1]) <= 0.002, to_float
+    if case == "w8a8-static":
+        layer = result.model.encoder.layer[0].attention.self.query
+        loaded = consumer.encoder.layer[0].attention.self.query
+        assert torch.equal(loaded.input_scale.reshape(()), layer.input_scale)
+        assert torch.equal(loaded.input_zero_point.reshape(()).to(torch.int32), layer.input_zero_point)
+
+
+@pytest.mark.slow
+@pytest.mark.minilm
+@pytest.mark.consumer
+def test_minilm_corrupted_tensor_is_caught(minilm_exports, tmp_path):
+    """One tensor's rows reversed in model.safetensors: the weight comparison and the output
+    comparison both fail (so the tests above can fail)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from mono_quant.testing import cosine_stats, embed
+
+    exports, batch, _ = minilm_exports
+    result, path, ours = exports["w4a16-sym"]
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    key = "encoder.layer.0.attention.self.query.weight_packed"
+    tensors[key] = tensors[key].flip(0).contiguous()
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    consumer = load_consumer(broken, AutoModel, dequantize=False)
+    dense = load_consumer(broken, AutoModel, dequantize=True)
+    with pytest.raises(AssertionError):
+        assert_same_weights(result.model, dense)
+    stats = cosine_stats(ours, embed(consumer, batch))
+    print(f"minilm corrupted: cosine {stats}")
+    assert stats["min"] < 0.999
+
+
+# -- SmolLM2 --------------------------------------------------------------------------------------------
+SMOLLM2_CASES = {
+    "w8a8-dynamic": dict(bits=8, dynamic=True),
+    # groups of 64 divide SmolLM2's 576 features (partial last groups come with the plan)
+    "w4a16-asym": dict(bits=4, group_size=64, clip_search_steps=0),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_exports(smollm2, smollm2_eval_windows, tmp_path_factory):
+    from mono_quant.testing import perplexity
+
+    model, tokenizer = smollm2
+    windows = smollm2_eval_windows[:1]
+    folder = tmp_path_factory.mktemp("ct_smollm2")
+    exports = {}
+    for case, options in SMOLLM2_CASES.items():
+        result = mono_quant.quantize(model, **options)
+        path = result.save(folder / case, format="compressed-tensors", tokenizer=tokenizer)
+        exports[case] = (result, path, perplexity(result.model, windows))
+        del result.original
+    return exports, windows
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@pytest.mark.consumer
+@pytest.mark.parametrize("case", list(SMOLLM2_CASES))
+def test_smollm2_transformers_perplexity_matches_ours(smollm2_exports, case):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from mono_quant.testing import perplexity
+
+    exports, windows = smollm2_exports
+    result, path, ours = exports[case]
+    config = json.loads((path / "config.json").read_text())
+    quantization = config["quantization_config"]
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    # The quantized head is written quantized, named in its group's targets, so untied from
+    # the (float) embedding.
+    assert "lm_head" not in quantization["ignore"]
+    assert any("lm_head" in group["targets"] for group in quantization["config_groups"].values())
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head.weight_scale" in keys and "model.embed_tokens.weight" in keys
+
+    if case == "w4a16-asym":
+        with pytest.raises(RuntimeError, match="mismatched"):  # the known consumer bug, see the MiniLM test
+            load_consumer(path, AutoModelForCausalLM, dequantize=False)
+        consumer = load_consumer(path, AutoModelForCausalLM, dequantize=True)
+        assert_same_weights(result.model, consumer)
+    else:
+        consumer = load_consumer(path, AutoModelForCausalLM, dequantize=False)
+        assert torch.equal(consumer.model.embed_tokens.weight, result.model.model.embed_tokens.dequantized_weight())
+    theirs = perplexity(consumer, windows)
+    print(f"smollm2 {case}: perplexity mono_quant {ours:.4f}, transformers {theirs:.4f}")
+    assert abs(theirs - ours) / ours <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_float_head_is_written_dequantized_and_ignored(smollm2_exports, tmp_path):
+    from safetensors import safe_open
+
+    exports, _ = smollm2_exports
+    result, _, _ = exports["w4a16-asym"]
+    path = ct_export.export(result.model, tmp_path / "float-head", float_head=True)
+    config = json.loads((path / "config.json").read_text())
+    assert "lm_head" in config["quantization_config"]["ignore"]
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+        head = handle.get_tensor("lm_head.weight") if "lm_head.weight" in keys else None
+        embedding = handle.get_tensor("model.embed_tokens.weight")
+    expected_head = result.model.lm_head.dequantized_weight()
+    if torch.equal(expected_head, result.model.model.embed_tokens.dequantized_weight()):
+        assert head is None and config["tie_word_embeddings"] is True  # one matrix, tied back on load
+        assert torch.equal(embedding, expected_head)
+    else:
+        assert config["tie_word_embeddings"] is False
+        assert torch.equal(head, expected_head)
