@@ -219,6 +219,9 @@ def gptq_quantize_weight(
     work = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=device, dtype=torch.float32).clone()
     dead = h.diagonal() == 0
+    if bool(dead.all()):
+        _warn_fallback(name, "every input was zero on the calibration data")
+        return rtn_quantize_weight(weight.detach(), spec, group_size, clip_search_steps)
     h.diagonal()[dead] = 1.0
     work[:, dead] = 0.0  # never seen non-zero: its weight cannot matter on this data
     upper, why = _inverse_hessian_factor(h, damp)
