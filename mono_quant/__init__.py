@@ -11,7 +11,6 @@ Example:
     True
 """
 
-__version__ = "0.1.0"
 
 from mono_quant.api.quantize import quantize
 from mono_quant.api.result import QuantizationResult
@@ -28,6 +27,7 @@ from mono_quant.errors import (
 )
 from mono_quant.io.formats import load_model, load_quantized, quantize_file, read_metadata, save_model
 from mono_quant.io.validation import ValidationResult, validate_quantization
+from mono_quant.version import __version__
 
 __all__ = [
     "__version__",

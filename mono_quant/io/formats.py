@@ -36,8 +36,9 @@ from mono_quant.core.progress import Progress
 from mono_quant.core.quantizers import QuantizationInfo, cast_hooks, is_cast_layer, set_submodule
 from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, unpack_int4
 from mono_quant.errors import InputError
-from mono_quant.io.handlers import _torch_load_weights_only, load_model, read_safetensors_header, sniff_format
+from mono_quant.io.handlers import load_model, read_safetensors_header, sniff_format, torch_load_weights_only
 from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module, quantize_weight_tensors
+from mono_quant.version import __version__
 
 __all__ = [
     "FORMAT_NAME",
@@ -66,8 +67,6 @@ _ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
 
 
 def _version() -> str:
-    from mono_quant import __version__
-
     return __version__
 
 
@@ -195,7 +194,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     # By content, not by name: quantize_file (and `monoquant quantize -o x.pt` on a
     # safetensors input) writes safetensors whatever the suffix; .bin files are torch.save.
     if path.is_file() and sniff_format(path) in ("torch_zip", "pickle"):
-        obj = _torch_load_weights_only(path)  # refusals and corrupt files as InputError
+        obj = torch_load_weights_only(path)  # refusals and corrupt files as InputError
         raw = obj.get("mono_quant_metadata", {}) if isinstance(obj, dict) else {}
     else:
         _, raw = read_safetensors_header(path)
@@ -304,10 +303,23 @@ def _layer_of(name: str) -> str | None:
     return name[: -len(".weight")] if name.endswith(".weight") else None
 
 
+def _decision_for(plan: QuantizationPlan, name: str, dtype: torch.dtype):
+    """The plan's decision that applies to tensor ``name``: its layer's for ``*.weight``; for a
+    layer's other float tensors (``*.bias``) only a cast, which casts the whole layer."""
+    decision = plan.layers.get(_layer_of(name) or "")
+    if decision is not None:
+        return decision
+    layer = name.rpartition(".")[0]
+    decision = plan.layers.get(layer)
+    if decision is not None and decision.cast is not None and dtype.is_floating_point:
+        return decision
+    return None
+
+
 def tensor_outputs(plan: QuantizationPlan, name: str, shape: tuple, dtype: torch.dtype) -> list[tuple]:
     """``[(name, dtype, shape)]`` a source tensor becomes in the output file (known from the
     header alone, before any data is read)."""
-    decision = plan.layers.get(_layer_of(name) or "")
+    decision = _decision_for(plan, name, dtype)
     if decision is None or not decision.changes:
         return [(name, dtype, tuple(shape))]
     if decision.cast is not None:
@@ -320,7 +332,7 @@ def convert_tensor(
 ) -> dict[str, torch.Tensor]:
     """The output tensors of one source tensor, as the plan decides. ``done`` (layer -> its
     quantized tensors) lets a tied layer reuse the tensors of the layer it shares with."""
-    decision = plan.layers.get(_layer_of(name) or "")
+    decision = _decision_for(plan, name, tensor.dtype)
     if decision is None or not decision.changes:
         return {name: tensor}
     if decision.cast is not None:

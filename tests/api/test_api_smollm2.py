@@ -1,0 +1,110 @@
+"""SmolLM2-135M-Instruct (a Llama with tied embeddings, hidden size 576) through every mode:
+all 210 decoder Linears quantized, the model runs, saves, reloads bit-exact with the tie intact;
+int4 perplexity no worse than plain round-to-nearest on the same windows."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mono_quant import load_quantized, quantize
+from mono_quant.modules import QuantizedLinear
+from mono_quant.testing import perplexity
+
+pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
+
+DECODER_LINEARS = 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers
+
+
+def _rtn_int4(weight: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """The reference to beat: plain round-to-nearest, asymmetric min/max per group of ``group``
+    input features, the last group partial (576 = 4 x 128 + 64), written out here on purpose."""
+    out = torch.empty_like(weight)
+    for start in range(0, weight.shape[1], group):
+        block = weight[:, start : start + group]
+        lo = block.amin(dim=1, keepdim=True).clamp(max=0)
+        hi = block.amax(dim=1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        q = torch.clamp(torch.round(block / scale) + zero, 0, 15)
+        out[:, start : start + group] = (q - zero) * scale
+    return out
+
+
+@pytest.fixture(scope="module")
+def rtn_perplexity(smollm2, smollm2_eval_windows):
+    model = copy.deepcopy(smollm2[0])
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name.startswith("model.layers."):
+                module.weight.copy_(_rtn_int4(module.weight))
+    return perplexity(model, smollm2_eval_windows[:2])
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(smollm2, smollm2_eval_windows):
+    return perplexity(smollm2[0], smollm2_eval_windows[:2])
+
+
+def _decoder_linears(model) -> list[str]:
+    return [n for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, QuantizedLinear)]
+
+
+MODES = {
+    "int8-dynamic": {"bits": 8, "dynamic": True},
+    "int8-weight-only": {"bits": 8, "weight_only": True},
+    "int8-static": {"bits": 8},
+    "int4-g128": {"bits": 4, "group_size": 128},
+    "int4-g32": {"bits": 4, "group_size": 32},
+    "fp16": {"bits": 16},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_quantizes_all_decoder_linears_runs_saves_and_reloads(
+    smollm2, smollm2_eval_windows, smollm2_calibration_windows, tmp_path, mode
+):
+    model, _ = smollm2
+    kwargs = dict(MODES[mode])
+    if mode == "int8-static":
+        kwargs["calibration_data"] = [{"input_ids": w.unsqueeze(0)} for w in smollm2_calibration_windows[:2, :256]]
+    result = quantize(model, **kwargs)
+    assert result, result.errors
+    qmodel = result.model
+    ids = smollm2_eval_windows[:1, :128]
+    with torch.inference_mode():
+        logits = qmodel(input_ids=ids).logits
+        reference = model(input_ids=ids).logits
+    cosine = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0)
+    assert cosine > (0.95 if mode.startswith("int4") else 0.99), cosine
+    if mode == "fp16":
+        assert len(result.info.selected_layers) >= DECODER_LINEARS
+        return
+    assert len(_decoder_linears(qmodel)) == DECODER_LINEARS, result.info.skip_reasons
+    assert result.info.skip_reasons == {}
+    head, embed = qmodel.lm_head, qmodel.model.embed_tokens
+    assert head.config.bits == 8  # int4 runs keep the output head at 8 bits
+    assert head.tied_to == "model.embed_tokens"
+    assert torch.equal(head.dequantized_weight(), embed.dequantized_weight())
+
+    path = result.save(tmp_path / "smollm2.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    restored = load_quantized(path, AutoModelForCausalLM.from_config(model.config))
+    assert torch.equal(restored.lm_head.dequantized_weight(), restored.model.embed_tokens.dequantized_weight())
+    with torch.inference_mode():
+        assert torch.equal(restored(input_ids=ids).logits, logits)
+
+
+def test_int4_g128_perplexity_is_no_worse_than_plain_round_to_nearest(
+    smollm2, smollm2_eval_windows, rtn_perplexity, fp32_perplexity
+):
+    result = quantize(smollm2[0], bits=4, group_size=128)
+    ours = perplexity(result.model, smollm2_eval_windows[:2])
+    assert math.isfinite(ours)
+    print(f"fp32 {fp32_perplexity:.3f}  rtn {rtn_perplexity:.3f}  ours {ours:.3f}")
+    assert ours <= rtn_perplexity, (ours, rtn_perplexity, fp32_perplexity)
