@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         description="Largest uncompressed/compressed size ratio of a zip member (413 past it). Model weights "
         "hardly compress (about 1.1x); a zip bomb compresses about 1000x.",
     )
+    max_zip_members: int = Field(
+        1000,
+        gt=0,
+        description="Most entries a zipped model folder may have (413 past it); counted before the zip is opened.",
+    )
     max_job_write_bytes: int = Field(
         32 * _GIB,
         gt=0,

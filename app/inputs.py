@@ -24,7 +24,7 @@ from typing import Any
 
 from app.config import Settings
 from mono_quant.errors import InputError, InputTooLargeError, MonoQuantError, UnsupportedFormatError
-from mono_quant.io.handlers import inspect_model_file, read_safetensors_header_from, sniff_format
+from mono_quant.io.handlers import inspect_model_file, read_safetensors_header_from, sniff_format, zip_member_count
 
 __all__ = ["MODEL_FORMATS", "TRUSTED_ONLY_FORMATS", "inspect_upload", "extract_model_zip", "named_for_the_user"]
 
@@ -141,6 +141,17 @@ def _check_sizes(members: list[zipfile.ZipInfo], settings: Settings) -> None:
         )
 
 
+def _check_member_count(path: Path, settings: Settings) -> None:
+    """Refuse an archive of too many entries before zipfile builds an object for each."""
+    members = zip_member_count(path)
+    if members is not None and members > settings.max_zip_members:
+        raise InputTooLargeError(
+            f"the zip has {members} entries, more than the limit of {settings.max_zip_members}",
+            suggestion="Zip only the model folder (config.json, weights, tokenizer files), "
+            "or ask the operator to raise MONOQUANT_MAX_ZIP_MEMBERS.",
+        )
+
+
 def _load_config(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, Any]:
     if info.file_size > _MAX_CONFIG_BYTES:
         raise InputError("config.json is too large", suggestion="Upload the model's real config.json.")
@@ -163,6 +174,7 @@ def _load_config(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict[str, A
 
 
 def _inspect_model_zip(path: Path, settings: Settings) -> dict[str, Any]:
+    _check_member_count(path, settings)
     try:
         with zipfile.ZipFile(path) as archive:
             members = {_member_name(info.filename): info for info in archive.infolist() if not info.is_dir()}
@@ -245,6 +257,7 @@ def extract_model_zip(path: Path, destination: Path, settings: Settings | None =
     """
     settings = settings or _DEFAULTS
     limit = min(settings.max_zip_uncompressed_bytes, settings.max_job_write_bytes)
+    _check_member_count(path, settings)
     destination.mkdir(parents=True, exist_ok=True)
     written = 0
     try:

@@ -34,9 +34,11 @@ __all__ = [
     "read_safetensors_header",
     "read_safetensors_header_from",
     "sniff_format",
+    "zip_member_count",
     "load_state_dict_file",
     "inspect_model_file",
     "prepare_model",
+    "torch_load_weights_only",
     "load_model",
 ]
 
@@ -51,6 +53,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # A parsed header costs far more memory than its bytes (one dict per tensor): 1.7 M empty
 # tensors in 100 MB of JSON take over 1 GiB. The tensor count is bounded before parsing.
 _MAX_TENSORS = 1_000_000
+_MAX_ZIP_MEMBERS = 100_000
 _MAX_RANK = 64  # no model tensor comes close; bounds the work per entry
 _EXPORT_HINT = (
     "Save a state_dict to safetensors instead: "
@@ -224,6 +227,37 @@ def read_safetensors_header(
         raise InputError(f"cannot read {path}: {exc.strerror}", suggestion="Check the path and permissions.") from None
 
 
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+
+
+def zip_member_count(path: str | os.PathLike) -> int | None:
+    """How many entries a zip archive declares, read from its end-of-central-directory record
+    (the last bytes of the file) without parsing any entry; None when there is no record.
+
+    ``zipfile.ZipFile`` builds an object per entry as it opens an archive: a small file of a
+    million empty entries would cost the reader hundreds of MB. Check this count first.
+    """
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        tail_start = max(size - (_EOCD.size + 65535), 0)
+        handle.seek(tail_start)
+        tail = handle.read()
+        found = tail.rfind(b"PK\x05\x06")
+        if found < 0 or len(tail) - found < _EOCD.size:
+            return None
+        entries = _EOCD.unpack_from(tail, found)[4]
+        locator_at = found - _ZIP64_LOCATOR.size
+        if entries == 0xFFFF and locator_at >= 0 and tail[locator_at : locator_at + 4] == b"PK\x06\x07":
+            zip64_offset = _ZIP64_LOCATOR.unpack_from(tail, locator_at)[2]
+            handle.seek(zip64_offset)
+            record = handle.read(_ZIP64_EOCD.size)
+            if len(record) == _ZIP64_EOCD.size and record[:4] == b"PK\x06\x06":
+                entries = _ZIP64_EOCD.unpack(record)[6]
+        return entries
+
+
 def sniff_format(path: str | os.PathLike) -> str:
     """One of "safetensors", "torch_zip", "torchscript", "pt2", "pickle", "zip", "unknown"."""
     path = Path(path)
@@ -232,6 +266,11 @@ def sniff_format(path: str | os.PathLike) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:2] == b"PK":
+        members = zip_member_count(path)
+        if members is None:
+            return "unknown"
+        if members > _MAX_ZIP_MEMBERS:
+            return "zip"  # not opened: a zip of this many entries is no model file we read
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
@@ -249,7 +288,7 @@ def sniff_format(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def _torch_load_weights_only(path: Path) -> Any:
+def torch_load_weights_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
@@ -320,7 +359,7 @@ def load_state_dict_file(path: str | os.PathLike, trusted: bool = False) -> dict
         if trusted:
             obj = torch.load(path, map_location="cpu", weights_only=False)
             return obj if isinstance(obj, nn.Module) else _as_state_dict(obj, path)
-        return _as_state_dict(_torch_load_weights_only(path), path)
+        return _as_state_dict(torch_load_weights_only(path), path)
     raise UnsupportedFormatError(
         f"{path.name}: unrecognised model file format",
         suggestion="Use a .safetensors state_dict (preferred) or a .pt/.pth/.bin state_dict saved with torch.save.",

@@ -87,6 +87,16 @@ def test_zip_bomb_is_413_at_submission(paused_service):
     _nothing_left(paused_service)
 
 
+def test_zip_of_too_many_entries_is_413(paused_service, tiny_model_file):
+    members = {"config.json": b'{"model_type": "bert"}', "model.safetensors": tiny_model_file.read_bytes()}
+    members.update({f"junk/{i:05d}": b"" for i in range(1500)})
+    response = _post_model(paused_service, "crowded.zip", _zip(members))
+    body = assert_problem(response, 413, "input-too-large-error")
+    assert body["detail"] == "the zip has 1502 entries, more than the limit of 1000"
+    assert "MONOQUANT_MAX_ZIP_MEMBERS" in body["suggestion"]
+    _nothing_left(paused_service)
+
+
 def test_extraction_stops_at_the_job_write_limit(tmp_path):
     from app.config import Settings
     from app.inputs import extract_model_zip

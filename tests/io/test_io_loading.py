@@ -246,6 +246,29 @@ def test_header_limits_bound_size_and_tensor_count(tmp_path):
         read_safetensors_header(path, max_header_bytes=1000)
 
 
+def test_a_zip_of_100001_entries_is_counted_not_opened(tmp_path, monkeypatch):
+    """zipfile builds an object per entry when it opens an archive: sniffing must not."""
+    import zipfile
+
+    from mono_quant.io.handlers import zip_member_count
+
+    path = tmp_path / "crowded.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for index in range(100_001):
+            archive.writestr(f"{index}", b"")
+    assert zip_member_count(path) == 100_001  # past 65535: read from the zip64 record
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ZipFile opened a 100001-entry archive")
+
+    monkeypatch.setattr(zipfile, "ZipFile", refuse)
+    assert sniff_format(path) == "zip"
+    truncated = tmp_path / "cut.zip"
+    truncated.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    assert zip_member_count(truncated) is None
+    assert sniff_format(truncated) == "unknown"
+
+
 def test_header_length_beyond_the_file(tmp_path):
     path = tmp_path / "bad.safetensors"
     _write_safetensors(path, {}, header_len=2**63)
