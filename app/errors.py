@@ -5,9 +5,10 @@ The status follows the library's exception hierarchy (most specific class first)
     ConfigurationError 422   InputError 400   UnsupportedFormatError 415
     InputTooLargeError 413   ValidationError 422   QuantizationError 422
 
-plus the service's own :class:`NotFoundError` 404, :class:`ConflictError` 409 and
-:class:`AuthenticationError` 401. FastAPI's request validation errors get the same shape
-with ``errors[]``. Only a bug in the service itself answers 500.
+plus the service's own :class:`NotFoundError` 404, :class:`ConflictError` 409,
+:class:`AuthenticationError` 401, :class:`RangeNotSatisfiableError` 416 and
+:class:`InsufficientStorageError` 507 (a full disk). FastAPI's request validation errors get
+the same shape with ``errors[]``. Only a bug in the service itself answers 500.
 """
 
 from __future__ import annotations
