@@ -364,6 +364,8 @@ class JobStore:
             conditions = [JobRow.id == job_id, JobRow.status == "running"]
             if attempt is not None:
                 conditions.append(JobRow.attempt == attempt)
+            if error is not None:
+                error = _named_for_the_user(session, job_id, error)
             values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
             if status == "succeeded":
                 values["progress_fraction"] = 1.0
@@ -414,6 +416,27 @@ class JobStore:
                 IdempotencyRow.owner == owner, IdempotencyRow.scope == scope, IdempotencyRow.key == key
             )
             return session.scalars(query).first()
+
+
+def _named_for_the_user(session: Session, job_id: str, error: dict[str, Any]) -> dict[str, Any]:
+    """A job error names the job's uploads by the file names their owner gave them, never by
+    the server's storage names (``blobs/<uuid hex>``), whichever code path raised it."""
+    job = session.scalars(select(JobRow).where(JobRow.id == job_id)).first()
+    if job is None:
+        return error
+    names = {}
+    for blob_id in (job.model_blob_id, job.dataset_blob_id):
+        blob = session.get(BlobRow, blob_id) if blob_id else None
+        if blob is not None:
+            names[uuid.UUID(blob.id).hex] = blob.filename
+    if not names:
+        return error
+    renamed = dict(error)
+    for key in ("message", "suggestion"):
+        if isinstance(renamed.get(key), str):
+            for storage_name, filename in names.items():
+                renamed[key] = renamed[key].replace(storage_name, filename)
+    return renamed
 
 
 def canonical_hash(payload: Any) -> str:

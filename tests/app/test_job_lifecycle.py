@@ -8,7 +8,7 @@ import pytest
 
 from app.config import Settings
 from app.jobs.lifecycle import fail_timed_out, recover_lost_job
-from app.jobs.store import ArtifactRow, JobRow, JobStore
+from app.jobs.store import ArtifactRow, BlobRow, JobRow, JobStore
 
 
 @pytest.fixture
@@ -161,3 +161,34 @@ def test_a_job_past_its_time_limit_fails_with_job_timeout(store, tmp_path):
         "or ask the operator to raise MONOQUANT_JOB_TIMEOUT_S.",
     }
     assert fail_timed_out(settings, store, store.get_job(job.id)) is False
+
+
+def test_a_job_error_names_the_upload_by_its_file_name_not_its_storage_name(store):
+    blob_id = str(uuid.uuid4())
+    store.add_blob(
+        BlobRow(
+            id=blob_id,
+            owner="open",
+            kind="model",
+            filename="my-model.safetensors",
+            format="safetensors",
+            size=1,
+            sha256="0" * 64,
+        )
+    )
+    job_id = store.add_job(JobRow(id=str(uuid.uuid4()), owner="open", params={}, model_blob_id=blob_id)).id
+    attempt = store.claim(job_id, "host:1")
+    storage_name = uuid.UUID(blob_id).hex
+    error = {
+        "type": "InputError",
+        "message": f"{storage_name} is not a valid safetensors file: tensor 'a' has an invalid shape [True]",
+        "suggestion": "Re-export the file (safetensors.torch.save_file); it may be truncated or corrupt.",
+    }
+    assert store.finish(job_id, "failed", attempt=attempt, error=error)
+    stored = store.get_job(job_id).error
+    assert (
+        stored["message"]
+        == "my-model.safetensors is not a valid safetensors file: tensor 'a' has an invalid shape [True]"
+    )
+    assert storage_name not in str(stored)
+    assert store.events(job_id)[-1].data["error"] == stored

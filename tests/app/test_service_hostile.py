@@ -430,3 +430,23 @@ def test_valid_uploads_still_pass(paused_service, tmp_path):
         {"config.json": b'{"model_type": "bert"}', "model.safetensors": path.read_bytes()}, zipfile.ZIP_STORED
     )
     assert _post_model(paused_service, "stored.zip", stored).status_code == 202
+
+
+def test_a_worker_error_names_the_uploaded_file_not_its_blob(make_service, tiny_model_file):
+    """A stored upload damaged after its checks (a disk fault): the job fails naming the file."""
+    with make_service() as http:
+        model = http.post("/v1/models", files={"file": ("my-model.safetensors", tiny_model_file.read_bytes())}).json()
+        blob = http.app.state.context.storage.blob_path(model["id"])
+        blob.write_bytes(_safetensors(_header_bytes({"a": _f32(0, 4, [True])}), bytes(4)))
+        form = {"model_id": (None, model["id"]), "bits": (None, "8"), "dynamic": (None, "true")}
+        job = http.post("/v1/quantize", files=form).json()
+        deadline = time.monotonic() + 120
+        while (job := http.get(f"/v1/jobs/{job['id']}").json())["status"] not in ("failed", "succeeded"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "InputError"
+    assert job["error"]["message"] == (
+        "my-model.safetensors is not a valid safetensors file: tensor 'a' has an invalid shape [True]"
+    )
+    assert blob.name not in json.dumps(job)
