@@ -276,8 +276,14 @@ def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantizedModule):
             kind = type(module).__name__
-            if kind in _REFUSED_KINDS or not isinstance(module, _SUPPORTED_LAYERS()):
+            if kind in _REFUSED_KINDS:
                 raise _refused_kind(name, kind)
+            if not isinstance(module, _SUPPORTED_LAYERS()):
+                raise ConfigurationError(
+                    f"layer {name!r} is a {kind}, which the ONNX export has no integer form for",
+                    suggestion="Exclude the layer from quantization (exclude=[name]) or use mono_quant's own "
+                    "safetensors format.",
+                )
             if kind == "QuantizedEmbedding" and module.config.bits == 4:
                 raise _int4_embedding(name)
             activation = module.config.activation
@@ -410,6 +416,29 @@ def _torch_export(twin: nn.Module, args: tuple, kwargs: dict):
 
 
 # -- graph rewriting --------------------------------------------------------------------------
+def _host_weight(module: nn.Module):
+    """``module.quantized_weight()`` with its tensors on the CPU (a model may live on CUDA)."""
+    qt = module.quantized_weight()
+    qt = copy.copy(qt)
+    qt.qdata, qt.scale = qt.qdata.detach().cpu(), qt.scale.detach().cpu()
+    qt.zero_point = None if qt.zero_point is None else qt.zero_point.detach().cpu()
+    return qt
+
+
+def _all_nodes(graph):
+    """The nodes of ``graph`` and of the subgraphs of its If / Loop / Scan nodes."""
+    import onnx
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_nodes(subgraph)
+
+
 @dataclass
 class _Layer:
     name: str
@@ -454,7 +483,7 @@ class _GraphRewriter:
 
         if not any(op.domain == _MS_DOMAIN for op in self.proto.opset_import):
             self.proto.opset_import.append(onnx.helper.make_opsetid(_MS_DOMAIN, 1))
-        rewritten: set[str] = set()
+        rewritten: set[int] = set()  # ids of the layers rewritten (a shared layer has several names)
         new_nodes = []
         for node in self.graph.node:
             layer = self._layer_of(node)
@@ -463,8 +492,8 @@ class _GraphRewriter:
                 new_nodes.append(node)
             else:
                 new_nodes.extend(replacement)
-                rewritten.add(layer.name)
-        missing = sorted(set(self.layers) - rewritten)
+                rewritten.add(id(layer.module))
+        missing = sorted({name for name, layer in self.layers.items() if id(layer.module) not in rewritten})
         if missing:
             raise QuantizationError(
                 f"{len(missing)} quantized layer(s) were not found in the exported graph ({', '.join(missing[:5])}): "
@@ -474,8 +503,8 @@ class _GraphRewriter:
         del self.graph.node[:]
         self.graph.node.extend(new_nodes)
         self.graph.initializer.extend(self._new_initializers.values())
-        # drop the float weights no node reads any more
-        used = {name for node in self.graph.node for name in node.input}
+        # drop the float weights no node reads any more (nodes of subgraphs included)
+        used = {name for node in _all_nodes(self.graph) for name in node.input}
         used |= {o.name for o in self.graph.output}
         keep = [init for init in self.graph.initializer if init.name in used]
         del self.graph.initializer[:]
@@ -560,7 +589,7 @@ class _GraphRewriter:
         """Weight-only int4 / int8 -> MatMulNBits (accuracy_level 0: fp32 activations, as ours)."""
         import onnx.helper as oh
 
-        qt = layer.module.quantized_weight()
+        qt = _host_weight(layer.module)
         bits = qt.spec.bits
         q = qt.qdata.to(torch.int16)
         n, k = q.shape
@@ -613,7 +642,7 @@ class _GraphRewriter:
 
     def _int8_columns(self, layer: _Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(W^T int8 [K, N], scale [N], zero_point int8 [N] or None)`` of a per-channel int8 layer."""
-        qt = layer.module.quantized_weight()
+        qt = _host_weight(layer.module)
         if qt.zero_point is not None and qt.zero_point.is_floating_point():
             raise ConfigurationError(
                 f"layer {layer.name!r} has float zero points, which MatMulInteger / DequantizeLinear cannot take",
@@ -795,7 +824,7 @@ class _GraphRewriter:
 
         if self._weight_input(node, layer, transposed=False) != 0:
             return None
-        qt = layer.module.quantized_weight()
+        qt = _host_weight(layer.module)
         if qt.zero_point is not None and qt.zero_point.is_floating_point():
             raise ConfigurationError(
                 f"embedding {layer.name!r} has float zero points, which DequantizeLinear cannot take",
@@ -813,7 +842,7 @@ class _GraphRewriter:
 
         if self._weight_input(node, layer, transposed=False) != 1:
             return None
-        qt = layer.module.quantized_weight()
+        qt = _host_weight(layer.module)
         weight = qt.qdata.to(torch.int8).numpy()
         zp = None if qt.zero_point is None else qt.zero_point.to(torch.int8).reshape(-1).numpy()
         nodes = []
