@@ -46,6 +46,12 @@ float zero points (HQQ), unpacked ``[N * k_blocks]`` of A's type; absent means t
 middle (8 for 4 bits, 128 for 8 bits). Dequantized ``= (code - zero_point) * scale``, our
 formula. ``block_size`` must be a power of two >= 16.
 
+Limits: recurrent layers, int4 embeddings and 16-bit casts are refused (ConfigurationError,
+never a silently fp32 file); a tied embedding / lm_head pair is written twice (a DQ int8
+table for the Gather, MatMulNBits codes for the head: +V*D bytes); the float twin passes
+through one protobuf, so models above ~2 GiB fp32 are refused; only the CPU execution
+provider is tested. Peak memory is about three times the fp32 model (twin, graph, file).
+
 Loading it: :func:`onnxruntime_session` (the session options this file was tested with).
 
 Example:
