@@ -188,27 +188,17 @@ def run_worker(script: str, args: list[str], timeout_s: float = 1800) -> dict[st
 
 # -- the library under test ----------------------------------------------------------------------
 def our_quantize(model: Any, bits: int, weight_only: bool = False, **kwargs: Any) -> tuple[Any, str]:
-    """Quantize with mono_quant, through the public ``quantize()`` once it exists.
-
-    Returns ``(quantized model, api used)``. Until ``mono_quant.quantize`` lands this calls
-    ``mono_quant.core.quantizers.dynamic_quantize`` with the same settings.
-    """
+    """Quantize with ``mono_quant.quantize``: int8 dynamic (or weight-only), int4, or a 16-bit
+    cast. Returns ``(quantized model, api used)``."""
     import mono_quant
 
-    public = getattr(mono_quant, "quantize", None)
-    if public is not None:
-        extra = dict(kwargs)
-        if weight_only:
-            extra["weight_only"] = True
-        try:
-            return public(model, bits=bits, dynamic=True, **extra).model, "mono_quant.quantize"
-        except TypeError:
-            pass  # an older signature: fall through to the core entry point
-    from mono_quant.core.quantizers import dynamic_quantize
-
-    dtype = {8: "int8", 4: "int4", 16: "float16"}[bits]
-    quantized, _ = dynamic_quantize(model, dtype=dtype, weight_only=weight_only, **kwargs)
-    return quantized, "core.dynamic_quantize"
+    extra = dict(kwargs)
+    if bits == 8:
+        extra["weight_only" if weight_only else "dynamic"] = True
+    result = mono_quant.quantize(model, bits=bits, **extra)
+    if not result:
+        raise RuntimeError(f"quantize failed: {result.errors}")
+    return result.model, "mono_quant.quantize"
 
 
 def torch_quantize_dynamic(model: Any) -> Any:

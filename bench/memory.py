@@ -116,7 +116,7 @@ def run_case(case: str, src: Path, layers: int, features: int, quick: bool) -> d
             fields["load_s"] = time.perf_counter() - start
             loaded_peak = peak_rss_bytes()
             reset_peak_rss()
-            result = mono_quant.quantize(model, bits=bits, dynamic=True, **options)
+            result = mono_quant.quantize(model, bits=bits, dynamic=bits == 8, **options)
             if not result.success:
                 raise RuntimeError(f"quantize failed: {result.errors}")
             extra = peak_rss_bytes() - loaded

@@ -46,7 +46,9 @@ def quantize(
             quantization altogether (most accurate int8, no data needed).
         scheme: weight grid, "symmetric" or "asymmetric". Default: symmetric for int8,
             asymmetric for int4.
-        calibration_data: static int8 only: a tensor, a list of batches, or a DataLoader.
+        calibration_data: a tensor, a list of batches, or a DataLoader: static int8's activation
+            ranges, GPTQ's Hessians (``method="gptq"``), SmoothQuant's scales (int8 with
+            activations). Refused by modes that would not use it.
         show_progress: draw tqdm bars over layers and calibration batches.
         **kwargs: advanced options, see ``QUANTIZE_OPTIONS`` (unknown names are an error).
 
@@ -65,11 +67,18 @@ def quantize(
         (True, ['0'])
     """
     options = QuantizeOptions.from_kwargs(bits=bits, dynamic=dynamic, scheme=scheme, **kwargs)
-    if calibration_data is not None and not options.is_static:
+    if calibration_data is not None and not options.uses_calibration():
         raise ConfigurationError(
-            f"calibration_data was given, but {options.mode_name} does not use it",
-            suggestion="Calibration data is used by static int8 (bits=8, dynamic=False): drop calibration_data "
-            "for data-free modes, or pass dynamic=False without weight_only.",
+            f"calibration_data was given, but {options.mode_name} with method={options.effective_method!r} "
+            "does not use it",
+            suggestion="Calibration data is used by static int8, by method='gptq' and by SmoothQuant in int8 "
+            "with activations: pass method='gptq' for int4 / weight-only int8, or drop calibration_data.",
+        )
+    if options.effective_method == "gptq" and calibration_data is None:
+        raise ConfigurationError(
+            "method='gptq' needs calibration_data: it rounds each weight using its inputs' statistics",
+            suggestion="Pass calibration_data (e.g. 16 batches of 512 tokens of text like your use case), "
+            "or use method='rtn' / method='hqq', which need no data.",
         )
     if options.is_static and calibration_data is None:
         raise InputError(
@@ -90,6 +99,12 @@ def quantize(
                 "modifies the caller's model. A model is quantized where it is.",
             )
     if isinstance(source, Mapping):
+        if options.effective_method == "gptq" or calibration_data is not None:
+            raise InputError(
+                "calibration needs a model it can run, but a state_dict / weights file has no forward",
+                suggestion="Pass the nn.Module itself for GPTQ, smoothing or static quantization, or use a "
+                "data-free mode (method='rtn' or 'hqq') on the weights.",
+            )
         if options.is_static:
             raise InputError(
                 "static quantization needs a model it can run, but a state_dict / weights file has no forward",

@@ -82,6 +82,10 @@ class LayerQuantConfig:
     * ``activation_symmetric``: grid of the static activation qparams.
     * ``per_channel``: False gives one scale for the whole weight (int8 only).
     * ``clip_search_steps``: MSE clipping search at quantization time (0 = plain min/max).
+    * ``method``: how the weight was rounded ("rtn", "hqq", "gptq"); informational once stored.
+    * ``float_zero_point``: zero points are float (HQQ's asymmetric grids), not integers.
+    * ``smoothed_input``: the layer divides its input by a SmoothQuant scale (``input_smoothing``)
+      before quantizing it, where the scale could not be folded into what produces the input.
     """
 
     bits: int = 8
@@ -91,6 +95,9 @@ class LayerQuantConfig:
     activation_symmetric: bool = False
     per_channel: bool = True
     clip_search_steps: int = 0
+    method: str = "rtn"
+    float_zero_point: bool = False
+    smoothed_input: bool = False
 
     def __post_init__(self) -> None:
         QuantSpec(self.bits, self.symmetric)  # validates bits
@@ -122,7 +129,7 @@ class LayerQuantConfig:
     def same_weight(self, other: LayerQuantConfig) -> bool:
         """Whether two layers with these configs store identical weight tensors (a tie can
         then share one quantized copy; activation handling may differ)."""
-        keys = ("bits", "symmetric", "group_size", "per_channel", "clip_search_steps")
+        keys = ("bits", "symmetric", "group_size", "per_channel", "clip_search_steps", "method", "float_zero_point")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def to_dict(self) -> dict:
@@ -154,7 +161,8 @@ def weight_layout(config: LayerQuantConfig, shape: tuple[int, ...]) -> list[Tens
       widths to int8).
     * ``weight_scale``: fp32 ``[out]`` per channel, ``[out, ceil(in / group_size)]`` per group.
     * ``weight_zero_point``: absent for symmetric int8; int8 ``[out]`` for asymmetric int8;
-      uint8 (0..15) of the scale's shape for int4.
+      uint8 (0..15) of the scale's shape for int4; fp32 of the scale's shape when
+      ``float_zero_point`` (HQQ).
 
     Example:
         >>> [t.shape for t in weight_layout(LayerQuantConfig(bits=4, symmetric=False, group_size=128), (64, 576))]
@@ -169,6 +177,8 @@ def weight_layout(config: LayerQuantConfig, shape: tuple[int, ...]) -> list[Tens
     layout = [q, TensorLayout("weight_scale", torch.float32, qparam_shape)]
     if not (config.symmetric and config.bits == 8):
         zp_dtype = torch.uint8 if config.bits == 4 else torch.int8
+        if config.float_zero_point:
+            zp_dtype = torch.float32
         layout.append(TensorLayout("weight_zero_point", zp_dtype, qparam_shape))
     return layout
 
@@ -326,6 +336,8 @@ def decide(
         bits, activation = 8, "none"
         note = f"in_features={shape[-1]} is odd and int4 packs two values per byte; stored int8"
     group_size = options.effective_group_size if bits == 4 else None
+    # GPTQ / HQQ round Linear weights; tables, convolutions and RNNs keep round-to-nearest.
+    method = options.effective_method if kind == "linear" else "rtn"
     config = LayerQuantConfig(
         bits=bits,
         symmetric=options.symmetric,
@@ -334,6 +346,8 @@ def decide(
         activation_symmetric=options.activation_symmetric,
         per_channel=options.effective_per_channel or bits == 4,
         clip_search_steps=options.effective_clip_search_steps if bits == 4 else 0,
+        method=method,
+        float_zero_point=method == "hqq" and not options.symmetric,
     )
     return LayerDecision(**base, config=config, note=note)
 

@@ -18,21 +18,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from mono_quant.core.algorithms.hqq import hqq_quantize_weight
 from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_batch
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
 from mono_quant.core.options import QuantizeOptions
-from mono_quant.core.plan import QuantizationPlan, plan_module
+from mono_quant.core.plan import LayerQuantConfig, QuantizationPlan, plan_module
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC
 from mono_quant.errors import ConfigurationError, InputError, MonoQuantError, QuantizationError
-from mono_quant.modules import quantize_weight_tensors, quantized_class_for
+from mono_quant.modules import quantize_weight_tensors, quantized_class_for, stored_weight_tensors
 
 __all__ = [
     "QuantizationInfo",
@@ -41,6 +43,7 @@ __all__ = [
     "quantize_layers",
     "quantize_planned",
     "options_from_config",
+    "weight_tensors_for",
     "mode_name",
     "model_size_bytes",
     "cast_hooks",
@@ -174,6 +177,18 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def weight_tensors_for(weight: torch.Tensor, config: LayerQuantConfig) -> dict[str, torch.Tensor]:
+    """A weight in the stored layout, rounded by ``config.method``'s data-free algorithm:
+    round-to-nearest (with the clip search), or HQQ. GPTQ needs data: its tensors come from
+    :func:`quantize_planned`."""
+    if config.method == "hqq":
+        qt = hqq_quantize_weight(
+            weight.detach(), config.weight_spec, config.group_size, init_clip_search_steps=config.clip_search_steps
+        )
+        return stored_weight_tensors(qt, config)
+    return quantize_weight_tensors(weight, config)
+
+
 def _tensor_users(model: nn.Module) -> dict[int, set[str]]:
     """``id(tensor) -> names of the modules holding it directly`` (a tied weight has several)."""
     users: dict[int, set[str]] = {}
@@ -189,6 +204,7 @@ def quantize_layers(
     *,
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     weight_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    input_smoothing: dict[str, torch.Tensor] | None = None,
     progress: Progress | None = None,
     info: QuantizationInfo | None = None,
 ) -> tuple[nn.Module, QuantizationInfo]:
@@ -240,9 +256,13 @@ def quantize_layers(
                 if tensors is None and shared in stored:
                     tensors = stored[shared]
                 if tensors is None:
-                    tensors = quantize_weight_tensors(module.weight, config)
+                    tensors = weight_tensors_for(module.weight, config)
                 stored[name] = tensors
                 extra["weight_tensors"] = tensors
+            smoothing = (input_smoothing or {}).get(name)
+            if smoothing is not None and isinstance(module, nn.Linear) and config.activation != "none":
+                config = dataclasses.replace(config, smoothed_input=True)
+                extra["input_smoothing"] = smoothing
             layer = cls.from_float(module, config, **extra)
             if shared in stored:
                 layer.tied_to = shared
@@ -415,14 +435,26 @@ def quantize_planned(
     progress = Progress(show_progress, options.progress_callback)
     plan = plan_module(model, options)
     info = QuantizationInfo(dtype=options.quantized_dtype, mode=mode_name(options))
+    batches = None
+    if calibration_data is not None:
+        batches = [
+            batch
+            for batch, _ in iter_calibration_batches(
+                calibration_data, options.effective_calibration_samples, options.effective_calibration_batch_size
+            )
+        ]
+    source, input_smoothing = model, {}
+    alpha = options.effective_smoothing(batches is not None)
+    if alpha is not None:
+        source, input_smoothing = _smooth(model, plan, batches, alpha, info)
     input_qparams = None
     if options.is_static:
         if options.effective_observer not in OBSERVERS:
             create_observer(options.effective_observer)  # raises ConfigurationError listing valid names
         calibrated = [d.name for d in plan.layers.values() if d.config is not None and d.config.activation == "static"]
         observers, samples = _calibrate(
-            model,
-            calibration_data,
+            source,
+            batches,
             calibrated,
             options.effective_observer,
             options.effective_calibration_samples,
@@ -433,7 +465,77 @@ def quantize_planned(
         input_qparams = {name: obs.calculate_qparams(spec) for name, obs in observers.items() if obs.batches_seen}
         info.observer_type = options.effective_observer
         info.calibration_samples_used = samples
-    return quantize_layers(model, plan, input_qparams=input_qparams, progress=progress, info=info)
+    weight_tensors = None
+    if options.effective_method == "gptq":
+        weight_tensors = _gptq(source, plan, batches, progress, info)
+    quantized, info = quantize_layers(
+        source,
+        plan,
+        input_qparams=input_qparams,
+        weight_tensors=weight_tensors,
+        input_smoothing=input_smoothing,
+        progress=progress,
+        info=info,
+    )
+    if source is not model:  # sizes of the caller's model, not of the smoothed working copy
+        info.original_size_bytes = model_size_bytes(model)
+    return quantized, info
+
+
+def _smooth(model, plan, batches, alpha, info):
+    """SmoothQuant on a working copy (the caller's model is never modified): scales folded into
+    norms / value projections where free, else returned as input scales of the Linears."""
+    from mono_quant.core.algorithms import apply_smoothing, collect_activation_absmax, smoothing_plan
+
+    names = [
+        d.name
+        for d in plan.layers.values()
+        if d.config is not None and d.kind == "linear" and d.config.activation != "none"
+    ]
+    work = copy.deepcopy(model)
+    with torch.inference_mode(False), torch.no_grad():
+        absmax = collect_activation_absmax(work, batches, names)
+        input_scales = apply_smoothing(work, smoothing_plan(work, absmax, alpha))
+    # The copy must stay the float model it was (static calibration and GPTQ run it): a Linear
+    # whose weight became W * s divides its input by s, as its quantized form will.
+    modules = dict(work.named_modules())
+    for name, scale in input_scales.items():
+        modules[name].register_forward_pre_hook(_DivideInput(scale))
+    info.metrics["smoothing"] = {"alpha": alpha, "layers": len(absmax), "input_scales": len(input_scales)}
+    return work, input_scales
+
+
+class _DivideInput:
+    """Forward pre-hook ``x -> x / scale`` (a class, not a closure: models stay picklable)."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        self.scale = scale
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x / self.scale.to(device=x.device, dtype=x.dtype), *args[1:])
+
+
+def _gptq(model, plan, batches, progress, info) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ's weights for every Linear the plan gives ``method="gptq"``, in the stored layout."""
+    from mono_quant.core.algorithms import gptq_quantize_model
+
+    configs = {d.name: d.config for d in plan.layers.values() if d.config is not None and d.config.method == "gptq"}
+    if not configs:
+        return {}
+    specs = {name: (config.weight_spec, config.group_size) for name, config in configs.items()}
+    steps = max((c.clip_search_steps for c in configs.values()), default=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = gptq_quantize_model(
+            model,
+            batches,
+            specs,
+            progress=lambda stage, fraction: progress.report("gptq", fraction),
+            clip_search_steps=steps,
+        )
+    info.warnings.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+    return {name: stored_weight_tensors(qt, configs[name]) for name, qt in chosen.items()}
 
 
 def mode_name(options: QuantizeOptions) -> str:
@@ -454,6 +556,8 @@ def _calibrate(
     progress: Progress,
     batch_size: int,
 ) -> tuple[dict[str, Any], int]:
+    """Observe each named layer's inputs over the calibration batches (a smoothed layer's
+    input-dividing hook runs first: the observer sees what the quantized layer will quantize)."""
     observers = {name: create_observer(observer_type) for name in layer_names}
     handles = []
 

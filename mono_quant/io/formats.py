@@ -33,11 +33,17 @@ from torch import nn
 from mono_quant.core.options import QuantizeOptions
 from mono_quant.core.plan import WEIGHT_TENSOR_NAMES, QuantizationPlan, plan_tensors, weight_layout
 from mono_quant.core.progress import Progress
-from mono_quant.core.quantizers import QuantizationInfo, cast_hooks, is_cast_layer, set_submodule
+from mono_quant.core.quantizers import (
+    QuantizationInfo,
+    cast_hooks,
+    is_cast_layer,
+    set_submodule,
+    weight_tensors_for,
+)
 from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, unpack_int4
 from mono_quant.errors import InputError
 from mono_quant.io.handlers import load_model, read_safetensors_header, sniff_format, torch_load_weights_only
-from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module, quantize_weight_tensors
+from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
 from mono_quant.version import __version__
 
 __all__ = [
@@ -340,7 +346,7 @@ def convert_tensor(
     shared = plan.shared_with(decision.name)
     tensors = done.get(shared) if done is not None and shared else None
     if tensors is None:
-        tensors = quantize_weight_tensors(tensor, decision.config)
+        tensors = weight_tensors_for(tensor, decision.config)
     if done is not None:
         done[decision.name] = tensors
     return {f"{decision.name}.{key}": value for key, value in tensors.items()}

@@ -8,6 +8,7 @@ from mono_quant.modules.base import (
     quantize_weight_tensors,
     quantized_class_for,
     register_quantized_module,
+    stored_weight_tensors,
 )
 from mono_quant.modules.conv import QuantizedConv1d, QuantizedConv2d
 from mono_quant.modules.embedding import QuantizedEmbedding
@@ -28,4 +29,5 @@ __all__ = [
     "quantized_class_for",
     "register_quantized_module",
     "quantize_weight_tensors",
+    "stored_weight_tensors",
 ]

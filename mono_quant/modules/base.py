@@ -37,6 +37,7 @@ __all__ = [
     "quantized_class_for",
     "build_quantized_module",
     "quantize_weight_tensors",
+    "stored_weight_tensors",
 ]
 
 QUANTIZED_MODULES: dict[type[nn.Module], type[QuantizedModule]] = {}
@@ -160,12 +161,23 @@ def quantize_weight_tensors(weight: torch.Tensor, config: LayerQuantConfig) -> d
         qt.scale = qt.scale.reshape(1).expand(rows).contiguous()
         if qt.zero_point is not None:
             qt.zero_point = qt.zero_point.reshape(1).expand(rows).contiguous()
+    return stored_weight_tensors(qt, config)
+
+
+def stored_weight_tensors(qt: QuantizedTensor, config: LayerQuantConfig) -> dict[str, torch.Tensor]:
+    """A :class:`QuantizedTensor` (RTN's, HQQ's, GPTQ's) in the stored layout of ``config``
+    (``core.plan.weight_layout``): int4 packed two per byte, zero points in their dtype."""
+    layout = {t.name: t for t in weight_layout(config, tuple(qt.qdata.shape))}
     out = {
-        "qweight": pack_int4(qt.qdata) if qt.spec.bits == 4 else qt.qdata,
-        "weight_scale": qt.scale.float(),
+        "qweight": pack_int4(qt.qdata) if qt.spec.bits == 4 else qt.qdata.to(torch.int8),
+        "weight_scale": qt.scale.float().reshape(layout["weight_scale"].shape),
     }
-    if qt.zero_point is not None:
-        out["weight_zero_point"] = qt.zero_point.to(torch.uint8 if qt.spec.bits == 4 else torch.int8)
+    if "weight_zero_point" in layout:
+        zero_point = qt.zero_point
+        if zero_point is None:  # a symmetric int4 grid: its fixed zero point
+            zero_point = torch.full_like(qt.scale, qt.spec.symmetric_zero_point)
+        entry = layout["weight_zero_point"]
+        out["weight_zero_point"] = zero_point.reshape(entry.shape).to(entry.dtype)
     return out
 
 

@@ -66,12 +66,15 @@ class QuantizedLinear(QuantizedModule):
         config: LayerQuantConfig,
         input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
         weight_tensors: dict[str, torch.Tensor] | None = None,
+        input_smoothing: torch.Tensor | None = None,
     ) -> QuantizedLinear:
         """``weight_tensors``: the weight already in the stored layout (a tied layer's, or what
-        GPTQ / HQQ chose); quantized from ``module.weight`` when None."""
+        GPTQ / HQQ chose); quantized from ``module.weight`` when None. ``input_smoothing``
+        (``config.smoothed_input``): the SmoothQuant scale ``s [in_features]`` the input is
+        divided by before it is quantized (the weight already holds ``W * s``)."""
         layer = cls(module.in_features, module.out_features, config)
         layer._store_weight(module.weight, config, weight_tensors)
-        layer._finish(module.bias, input_qparams)
+        layer._finish(module.bias, input_qparams, input_smoothing)
         return layer
 
     @classmethod
@@ -83,12 +86,18 @@ class QuantizedLinear(QuantizedModule):
         if module.bias is not None:
             bias = torch.zeros(module.out_features, dtype=torch.float32, device=device)
         zeros = (torch.ones((), device=device), torch.zeros((), dtype=torch.int32, device=device))
-        layer._finish(bias, zeros if config.activation == "static" else None)
+        smoothing = torch.ones(module.in_features, device=device) if config.smoothed_input else None
+        layer._finish(bias, zeros if config.activation == "static" else None, smoothing)
         return layer
 
-    def _finish(self, bias: torch.Tensor | None, input_qparams) -> None:
+    def _finish(self, bias: torch.Tensor | None, input_qparams, input_smoothing=None) -> None:
         bias = None if bias is None else bias.detach().clone().float()
         self.register_buffer("bias", bias)
+        if self.config.smoothed_input:
+            if input_smoothing is None:
+                raise ValueError("a smoothed QuantizedLinear needs its input_smoothing scale")  # internal use
+            # stored as the multiplier 1 / s: one multiply fused before the activation quantization
+            self.register_buffer("input_smoothing", (1.0 / input_smoothing.detach().float()).clone())
         if self.config.activation == "static":
             if input_qparams is None:
                 raise ValueError("static QuantizedLinear needs input qparams")  # internal use
@@ -222,6 +231,8 @@ class QuantizedLinear(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
+        if self.config.smoothed_input:
+            x2d = x2d * self.input_smoothing
         if self.config.activation == "static":
             out = self._forward_static(x2d)
         elif self.config.bits == 4:
@@ -256,7 +267,7 @@ class QuantizedLinear(QuantizedModule):
             packed = self._tinygemm_weight()
             if packed is not None:
                 return tinygemm_linear(x2d, *packed, self.kernel_group, self.bias)
-        if x2d.device.type != "cpu" or self.kernel_group is None or self.weight_zero_point.is_floating_point():
+        if x2d.device.type != "cpu" or self.kernel_group is None:
             return self._forward_dequantized(x2d)
         if self.qweight_layout == "cpu_int4":
             return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.kernel_group, self.bias)
