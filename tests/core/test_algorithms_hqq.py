@@ -138,9 +138,19 @@ def test_hqq_int4_g128_minilm_cosine():
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
-                qt = hqq_quantize_weight(module.weight, INT4_ASYMMETRIC, 128, init_clip_search_steps=8)
+                qt = hqq_quantize_weight(
+                    module.weight, INT4_ASYMMETRIC, 128, 10, init_clip_search_steps=8, refine_scale=True
+                )
                 module.weight.copy_(dequantize_groups(qt))
     assert cosine_stats(reference, embed(model, batch))["mean"] >= HQQ_MINILM_FLOOR
 
 
 HQQ_MINILM_FLOOR = 0.965
+
+
+def test_refining_the_scale_too_lowers_the_error_further():
+    weight = heavy_tailed(64, 512, seed=2)
+    zero_only = relative_error(weight, hqq_quantize_weight(weight, INT4_ASYMMETRIC, 128))
+    both = hqq_quantize_weight(weight, INT4_ASYMMETRIC, 128, 10, refine_scale=True)
+    assert relative_error(weight, both) < zero_only
+    assert both.zero_point.dtype == torch.float32 and bool((both.scale > 0).all())
