@@ -11,7 +11,6 @@ Example:
     True
 """
 
-
 from mono_quant.api.quantize import quantize
 from mono_quant.api.result import QuantizationResult
 from mono_quant.core.config import QuantizationConfig

@@ -99,17 +99,17 @@ def quantize(
                 "modifies the caller's model. A model is quantized where it is.",
             )
     if isinstance(source, Mapping):
-        if options.effective_method == "gptq" or calibration_data is not None:
-            raise InputError(
-                "calibration needs a model it can run, but a state_dict / weights file has no forward",
-                suggestion="Pass the nn.Module itself for GPTQ, smoothing or static quantization, or use a "
-                "data-free mode (method='rtn' or 'hqq') on the weights.",
-            )
         if options.is_static:
             raise InputError(
                 "static quantization needs a model it can run, but a state_dict / weights file has no forward",
                 suggestion="Pass the nn.Module itself for static quantization, or use dynamic=True "
                 "(or weight_only=True) on the weights.",
+            )
+        if options.effective_method == "gptq" or calibration_data is not None:
+            raise InputError(
+                "calibration needs a model it can run, but a state_dict / weights file has no forward",
+                suggestion="Pass the nn.Module itself for GPTQ, smoothing or static quantization, or use a "
+                "data-free mode (method='rtn' or 'hqq') on the weights.",
             )
         return _quantize_state_dict(source, options, show_progress, device)
     try:

@@ -1,0 +1,110 @@
+"""quantize(method=..., smoothing=...): GPTQ, HQQ and SmoothQuant through the one entry point,
+on modules, state_dicts and files, saved and reloaded bit-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mono_quant import load_quantized, quantize, quantize_file
+from mono_quant.core.schemes import sqnr
+from mono_quant.errors import ConfigurationError, InputError
+from mono_quant.io.formats import load_model
+
+
+def _correlated_mlp(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """An MLP whose inputs are strongly correlated (as real activations are), with one
+    outlier channel: where GPTQ and SmoothQuant have something to fix."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    mixing = torch.randn(256, 256) / 16
+
+    def sample(n):
+        x = torch.randn(n, 256) @ mixing + torch.randn(n, 256) * 0.05
+        x[:, 7] *= 40.0  # an activation outlier channel
+        return x
+
+    return model, sample(512), sample(256)
+
+
+def _error_db(model, quantized, x) -> float:
+    with torch.inference_mode():
+        return sqnr(model(x), quantized(x))
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    model, calibration, held_out = _correlated_mlp()
+    rtn = quantize(model, bits=4, group_size=32)
+    gptq = quantize(model, bits=4, group_size=32, method="gptq", calibration_data=calibration)
+    assert gptq, gptq.errors
+    assert gptq.model[0].config.method == "gptq"
+    assert _error_db(model, gptq.model, held_out) > _error_db(model, rtn.model, held_out) + 1.0
+
+
+def test_smoothing_helps_dynamic_int8_with_an_outlier_channel(tmp_path):
+    model, calibration, held_out = _correlated_mlp(1)
+    plain = quantize(model, bits=8, dynamic=True)
+    smoothed = quantize(model, bits=8, dynamic=True, calibration_data=calibration)
+    assert smoothed.info.metrics["smoothing"]["alpha"] == 0.65
+    assert smoothed.model[0].config.smoothed_input  # no norm before it: an input scale
+    assert _error_db(model, smoothed.model, held_out) > _error_db(model, plain.model, held_out) + 1.0
+    with pytest.raises(ConfigurationError, match="does not use it"):  # smoothing=0: the data has no use
+        quantize(model, bits=8, dynamic=True, calibration_data=calibration, smoothing=0)
+    restored = load_quantized(smoothed.save(tmp_path / "s.safetensors"), _correlated_mlp(1)[0])
+    with torch.inference_mode():
+        assert torch.equal(restored(held_out), smoothed.model(held_out))
+    assert torch.equal(model[0].weight, _correlated_mlp(1)[0][0].weight)  # the caller's model untouched
+
+
+def test_hqq_is_data_free_and_works_on_modules_state_dicts_and_files(tmp_path):
+    model, _, held_out = _correlated_mlp(2)
+    result = quantize(model, bits=4, group_size=64, method="hqq")
+    layer = result.model[0]
+    assert layer.weight_zero_point.dtype is torch.float32  # HQQ's float zero points, stored as such
+    assert _error_db(model, result.model, held_out) > 15
+    module_file = result.save(tmp_path / "module.safetensors")
+    from_state_dict = quantize(model.state_dict(), bits=4, group_size=64, method="hqq")
+    source = tmp_path / "source.safetensors"
+    save_file(model.state_dict(), source)
+    streamed = quantize_file(source, tmp_path / "file.safetensors", bits=4, group_size=64, method="hqq")
+    expected = load_model(module_file)
+    for tensors in (from_state_dict.model, load_model(streamed)):
+        for key, value in expected.items():
+            assert torch.equal(tensors[key], value), key
+    restored = load_quantized(module_file, _correlated_mlp(2)[0])
+    with torch.inference_mode():
+        assert torch.equal(restored(held_out), result.model(held_out))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"bits": 4, "method": "gptq"}, ConfigurationError, "method='gptq' needs calibration_data"),
+        ({"bits": 4, "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not use it"),
+        ({"bits": 8, "weight_only": True, "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not"),
+        ({"bits": 8, "weight_only": True, "smoothing": 0.5}, ConfigurationError, "smoothing=0.5 is not used"),
+        ({"bits": 8, "dynamic": True, "smoothing": 1.5}, ConfigurationError, "smoothing must be a number in"),
+        ({"bits": 4, "method": "awq"}, ConfigurationError, "method='awq' is not supported"),
+    ],
+    ids=[
+        "gptq-without-data",
+        "int4-rtn-with-data",
+        "weight-only-with-data",
+        "smoothing-weight-only",
+        "alpha-1.5",
+        "awq",
+    ],
+)
+def test_options_the_mode_cannot_use_are_refused(kwargs, error, match):
+    model, _, _ = _correlated_mlp()
+    with pytest.raises(error, match=match) as info:
+        quantize(model, **kwargs)
+    assert info.value.suggestion
+
+
+def test_gptq_needs_a_model_it_can_run():
+    model, calibration, _ = _correlated_mlp()
+    with pytest.raises(InputError, match="has no forward"):
+        quantize(model.state_dict(), bits=4, method="gptq", calibration_data=calibration)
