@@ -35,7 +35,8 @@ What each quantized layer becomes (the layouts of compressed-tensors' own compre
 
 What it refuses (ConfigurationError, before writing anything): fp16/bf16 casts, state_dict
 results, asymmetric int8 weights (vLLM's int8 kernels take symmetric weights only), int4 with
-quantized activations, quantized layers other than Linear / Embedding, float zero points, and
+quantized activations, quantized layers other than Linear / Embedding, float zero points (HQQ),
+SmoothQuant input scales that could not be folded (``smoothed_input``), and
 fused projections (q/k/v, gate/up) quantized with different schemes (vLLM runs each fused
 group as one matrix).
 
@@ -97,6 +98,10 @@ def _facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
     if info is not None:
         if isinstance(info, Mapping):
             facts.update(info)
+        elif hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
+            facts["bits"], facts["symmetric"] = info.bits, info.symmetric
+            facts["group_size"] = info.effective_group_size if info.bits == 4 else info.group_size
+            facts["mode"] = "cast" if info.bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
         else:
             for key in ("mode", "bits", "symmetric", "group_size", "layer_configs"):
                 facts[key] = getattr(info, key, None)
@@ -110,7 +115,8 @@ def check(info: Any = None, /, **facts: Any) -> None:
 
     ``info`` is the run's QuantizationInfo, or a dict (or keywords) with ``mode``
     ("dynamic" | "weight_only" | "static" | "cast"), ``bits``, ``symmetric`` and optionally
-    ``group_size`` / ``layer_configs``, so a service can refuse a request before quantizing.
+    ``group_size`` / ``layer_configs``, or a QuantizeOptions, so a service can refuse a request
+    before quantizing.
 
     Example:
         >>> check(mode="weight_only", bits=4, symmetric=False, group_size=128)
@@ -164,6 +170,18 @@ def _check_layer(name: str, layer: Mapping[str, Any]) -> None:
             suggestion=f"Exclude it from quantization (exclude=[{name!r}]) or layer_types=['linear', 'embedding'].",
         )
     bits, symmetric, activation = layer.get("bits"), layer.get("symmetric"), layer.get("activation", "none")
+    if layer.get("smoothed_input"):
+        raise ConfigurationError(
+            f"layer {name!r} divides its input by a SmoothQuant scale that could not be folded into the layer "
+            "before it; compressed-tensors has no per-channel input scale, so the folder would compute differently",
+            suggestion="Quantize without smoothing= for this export, or use mono_quant's own format.",
+        )
+    if layer.get("float_zero_point"):
+        raise ConfigurationError(
+            f"layer {name!r} has float zero points (method='hqq'), which compressed-tensors cannot store: its zero "
+            "points are integers on the weight grid",
+            suggestion="Export to GGUF (Q4_1 stores a float minimum), or quantize with method='rtn' or 'gptq'.",
+        )
     if bits == 8 and symmetric is False:
         raise ConfigurationError(
             f"layer {name!r} has asymmetric int8 weights, which vLLM's int8 kernels cannot run",
@@ -229,6 +247,15 @@ def expand_group_qparams(qparam: torch.Tensor, in_features: int, group_size: int
     return torch.repeat_interleave(qparam, repeats, dim=-1), new_group
 
 
+def _weight_of(layer):
+    """The layer's QuantizedTensor, with float zero points (HQQ) kept as the layer stores them."""
+    qt = layer.quantized_weight()
+    stored = getattr(layer, "weight_zero_point", None)
+    if isinstance(stored, torch.Tensor) and stored.is_floating_point():
+        qt = type(qt)(qt.qdata, qt.scale, stored.reshape(qt.scale.shape), qt.spec, qt.granularity)
+    return qt
+
+
 def _dequantize_any(qt) -> torch.Tensor:
     """``(q - zp) * scale`` for a QuantizedTensor, also with a partial last group."""
     q = qt.qdata.to(torch.float32)
@@ -254,7 +281,7 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(scheme, tensors)`` of one QuantizedLinear: its compressed-tensors scheme (weights,
     input_activations, format) and the tensors the format stores under its prefix."""
     config = layer.config
-    qt = layer.quantized_weight()
+    qt = _weight_of(layer)
     if qt.zero_point is not None and qt.zero_point.is_floating_point():
         raise ConfigurationError(
             f"layer {name!r} has float zero points (e.g. HQQ), which compressed-tensors cannot store: its zero "
@@ -320,7 +347,7 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _head_unrepresentable(name: str, layer) -> str | None:
     """Why compressed-tensors cannot hold the head quantized, or None when it can."""
-    zero_point = layer.quantized_weight().zero_point
+    zero_point = _weight_of(layer).zero_point
     if zero_point is not None and zero_point.is_floating_point():
         return "float zero points"
     try:
@@ -348,7 +375,7 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
     from mono_quant.modules import QuantizedModule
 
     if isinstance(module, QuantizedModule):
-        return _dequantize_any(module.quantized_weight())
+        return _dequantize_any(_weight_of(module))
     weight = getattr(module, "weight", None)
     return None if weight is None else weight.detach()
 
@@ -452,7 +479,7 @@ def export(
             handled.add(name)
         elif isinstance(module, (QuantizedEmbedding, QuantizedLinear)):
             # Written as the float weight the layer computes with (see the module docstring).
-            tensors[f"{name}.weight"] = _dequantize_any(module.quantized_weight()).to(float_dtype).contiguous()
+            tensors[f"{name}.weight"] = _dequantize_any(_weight_of(module)).to(float_dtype).contiguous()
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 tensors[f"{name}.bias"] = bias.detach().to(float_dtype)
@@ -505,10 +532,10 @@ def export(
         names_by_scheme.setdefault(json.dumps(scheme, sort_keys=True), []).append(name)
     config_groups = {}
     for index, (key, names) in enumerate(names_by_scheme.items()):
-        # One scheme: every Linear not ignored. Several: each group lists its layers by name.
-        # The head is always named: servers match a head (not a Linear subclass there) by name only.
-        if len(names_by_scheme) == 1:
-            targets = ["Linear"] + ([output_name] if output_name in names else [])
+        # One scheme: every Linear not ignored. Several, or a quantized head: each group lists its
+        # layers by name (servers match a head, not a Linear subclass there, by name only).
+        if len(names_by_scheme) == 1 and output_name not in schemes:
+            targets = ["Linear"]
         else:
             targets = sorted(names)
         config_groups[f"group_{index}"] = {"targets": targets, **json.loads(key)}

@@ -24,6 +24,9 @@ stored as fp16; see gguf-py's ``quants.py``):
   F32), norms and biases F32. A tied output head is not written when its weight equals the
   embedding's: llama.cpp then uses ``token_embd`` for the output; otherwise ``output.weight`` is.
 
+SmoothQuant input scales that could not be folded (``smoothed_input``) are refused: llama.cpp
+has no per-channel input scale.
+
 Architectures: ``llama`` (Q / K rows permuted the way llama.cpp's ``convert_hf_to_gguf.py``
 ``LlamaModel.permute`` does, byte-level BPE tokenizers) and ``bert`` (encoders such as MiniLM,
 WordPiece tokenizer, mean or CLS pooling from the sentence-transformers config). Anything else,
@@ -94,6 +97,10 @@ def _facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
     if info is not None:
         if isinstance(info, Mapping):
             facts.update(info)
+        elif hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
+            facts["bits"], facts["symmetric"] = info.bits, info.symmetric
+            facts["group_size"] = info.effective_group_size if info.bits == 4 else info.group_size
+            facts["mode"] = "cast" if info.bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
         else:
             for key in ("mode", "bits", "symmetric", "group_size", "layer_configs"):
                 facts[key] = getattr(info, key, None)
@@ -106,8 +113,8 @@ def check(info: Any = None, /, **facts: Any) -> None:
 
     ``info`` is the run's QuantizationInfo, or a dict (or keywords) with ``mode``
     ("dynamic" | "weight_only" | "static" | "cast"), ``bits``, ``symmetric``, ``group_size``
-    and optionally ``architecture`` (a ``config.model_type``), so a service can refuse a
-    request before quantizing.
+    and optionally ``architecture`` (a ``config.model_type``), or a QuantizeOptions, so a
+    service can refuse a request before quantizing.
 
     Example:
         >>> check(mode="weight_only", bits=4, symmetric=True, group_size=128)
@@ -152,6 +159,26 @@ def check(info: Any = None, /, **facts: Any) -> None:
     architecture = f.get("architecture")
     if architecture is not None and architecture not in ARCHITECTURES:
         raise _unsupported_architecture(architecture)
+    for name, layer in (f.get("layer_configs") or {}).items():
+        if layer.get("smoothed_input"):
+            raise _smoothed(name)
+
+
+def _smoothed(name: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"layer {name!r} divides its input by a SmoothQuant scale that could not be folded into the layer before "
+        "it; GGUF has no per-channel input scale, so llama.cpp would compute differently",
+        suggestion="Quantize without smoothing= for a GGUF export.",
+    )
+
+
+def _weight_of(layer):
+    """The layer's QuantizedTensor, with float zero points (HQQ) kept as the layer stores them."""
+    qt = layer.quantized_weight()
+    stored = getattr(layer, "weight_zero_point", None)
+    if isinstance(stored, torch.Tensor) and stored.is_floating_point():
+        qt = type(qt)(qt.qdata, qt.scale, stored.reshape(qt.scale.shape), qt.spec, qt.granularity)
+    return qt
 
 
 def _unsupported_architecture(architecture: Any) -> ConfigurationError:
@@ -442,7 +469,7 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
     from mono_quant.modules import QuantizedModule
 
     if isinstance(module, QuantizedModule):
-        return _dequantized(module.quantized_weight())
+        return _dequantized(_weight_of(module))
     weight = getattr(module, "weight", None)
     return None if weight is None else weight.detach().float()
 
@@ -535,6 +562,8 @@ def export(
                 f"GGUF export cannot represent layer {name!r} ({type(module).__name__})",
                 suggestion=f"Exclude it from quantization (exclude=[{name!r}]).",
             )
+        if getattr(module.config, "smoothed_input", False):
+            raise _smoothed(name)
         handled.add(name)
         if (name == output_name and skip_output) or _dropped(f"{name}.weight"):
             continue
@@ -542,9 +571,9 @@ def export(
         small_embedding = isinstance(module, QuantizedEmbedding) and module is not input_module
         if small_embedding:
             # position / token-type tables: llama.cpp adds them as float rows
-            data, kind, note = _dequantized(module.quantized_weight()).numpy(), gguf.GGMLQuantizationType.F32, None
+            data, kind, note = _dequantized(_weight_of(module)).numpy(), gguf.GGMLQuantizationType.F32, None
         else:
-            data, kind, note = _encode(name, module.quantized_weight(), permutation(name))
+            data, kind, note = _encode(name, _weight_of(module), permutation(name))
         if note:
             fallbacks.append(f"{name} ({note})")
         counts[kind] = counts.get(kind, 0) + 1

@@ -241,6 +241,38 @@ SMOLLM2_CASES = {
 }
 
 
+class _TokenGridLinear(nn.Module):
+    """A Linear with compressed-tensors' dynamic int8 per-token activations (symmetric, scale
+    max|x| / 127.5, values in [-128, 127]: ``calculate_qparams`` and ``_quantize`` of
+    compressed_tensors 0.20) on a fixed float weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.5
+        x_hat = (x / scale).round().clamp(-128, 127) * scale
+        return nn.functional.linear(x_hat, self.weight, self.bias)
+
+
+def _with_token_grid(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """The float model with our dequantized weights and compressed-tensors' activation grid."""
+    import copy
+
+    from mono_quant.modules import QuantizedEmbedding, QuantizedLinear
+
+    emulated = copy.deepcopy(float_model)
+    for name, module in quantized.named_modules():
+        parent_name, _, child = name.rpartition(".")
+        parent = emulated.get_submodule(parent_name) if parent_name else emulated
+        if isinstance(module, QuantizedLinear):
+            setattr(parent, child, _TokenGridLinear(module.dequantized_weight(), module.bias))
+        elif isinstance(module, QuantizedEmbedding):
+            getattr(parent, child).weight = nn.Parameter(module.dequantized_weight(), requires_grad=False)
+    return emulated.eval()
+
+
 @pytest.fixture(scope="module")
 def smollm2_exports(smollm2, smollm2_eval_windows, tmp_path_factory):
     from mono_quant.testing import perplexity
@@ -261,7 +293,7 @@ def smollm2_exports(smollm2, smollm2_eval_windows, tmp_path_factory):
 @pytest.mark.smollm2
 @pytest.mark.consumer
 @pytest.mark.parametrize("case", list(SMOLLM2_CASES))
-def test_smollm2_transformers_perplexity_matches_ours(smollm2_exports, case):
+def test_smollm2_transformers_perplexity_matches_ours(smollm2, smollm2_exports, case):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -273,24 +305,45 @@ def test_smollm2_transformers_perplexity_matches_ours(smollm2_exports, case):
     quantization = config["quantization_config"]
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         keys = set(handle.keys())
-    # The quantized head is written quantized, named in its group's targets, so untied from
-    # the (float) embedding.
-    assert "lm_head" not in quantization["ignore"]
-    assert any("lm_head" in group["targets"] for group in quantization["config_groups"].values())
-    assert config["tie_word_embeddings"] is False
-    assert "lm_head.weight_scale" in keys and "model.embed_tokens.weight" in keys
+    head = result.model.lm_head
+    if ct_export._head_unrepresentable("lm_head", head) is None:
+        # A quantized head is written quantized, named in its group's targets, untied from the
+        # (float) embedding.
+        assert "lm_head" not in quantization["ignore"]
+        assert any("lm_head" in group["targets"] for group in quantization["config_groups"].values())
+        assert config["tie_word_embeddings"] is False
+        assert "lm_head.weight_scale" in keys
+    else:
+        # e.g. an asymmetric int8 head (int4 runs): written in float, ignored; tied again when it
+        # equals the embedding.
+        assert "lm_head" in quantization["ignore"]
+        tied = torch.equal(head.dequantized_weight(), result.model.model.embed_tokens.dequantized_weight())
+        assert config["tie_word_embeddings"] == tied and ("lm_head.weight" in keys) != tied
+    assert "model.embed_tokens.weight" in keys
 
     if case == "w4a16-asym":
         with pytest.raises(RuntimeError, match="mismatched"):  # the known consumer bug, see the MiniLM test
             load_consumer(path, AutoModelForCausalLM, dequantize=False)
         consumer = load_consumer(path, AutoModelForCausalLM, dequantize=True)
         assert_same_weights(result.model, consumer)
+        theirs = perplexity(consumer, windows)
+        print(f"smollm2 {case}: perplexity mono_quant {ours:.4f}, transformers {theirs:.4f}")
+        assert abs(theirs - ours) / ours <= 0.01
     else:
         consumer = load_consumer(path, AutoModelForCausalLM, dequantize=False)
         assert torch.equal(consumer.model.embed_tokens.weight, result.model.model.embed_tokens.dequantized_weight())
-    theirs = perplexity(consumer, windows)
-    print(f"smollm2 {case}: perplexity mono_quant {ours:.4f}, transformers {theirs:.4f}")
-    assert abs(theirs - ours) / ours <= 0.01
+        theirs = perplexity(consumer, windows)
+        # W8A8: the consumer quantizes activations per token on its own grid (max / 127.5 on
+        # [-128, 127]; ours max / 127 on [-127, 127]). Perplexity swings by a few percent with
+        # such grid details (ours 19.30, the consumer's grid 18.94 on this window), so the file
+        # is proven by emulating the consumer's grid on our weights: that must match exactly.
+        emulated = perplexity(_with_token_grid(smollm2[0], result.model), windows)
+        print(
+            f"smollm2 {case}: perplexity mono_quant {ours:.4f}, transformers {theirs:.4f}, "
+            f"our weights on compressed-tensors' activation grid {emulated:.4f}"
+        )
+        assert abs(theirs - emulated) / emulated <= 1e-3
+        assert abs(theirs - ours) / ours <= 0.03
 
 
 @pytest.mark.slow
@@ -314,3 +367,13 @@ def test_smollm2_float_head_is_written_dequantized_and_ignored(smollm2_exports, 
     else:
         assert config["tie_word_embeddings"] is False
         assert torch.equal(head, expected_head)
+
+
+def test_check_reads_quantize_options():
+    options_module = pytest.importorskip("mono_quant.core.options")
+    ct_export.check(options_module.QuantizeOptions(bits=4))
+    ct_export.check(options_module.QuantizeOptions(bits=8, dynamic=True))
+    with pytest.raises(ConfigurationError, match="asymmetric int8"):
+        ct_export.check(options_module.QuantizeOptions(bits=8, weight_only=True, scheme="asymmetric"))
+    with pytest.raises(ConfigurationError, match="cast"):
+        ct_export.check(options_module.QuantizeOptions(bits=16))

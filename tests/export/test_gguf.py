@@ -34,6 +34,8 @@ MINILM_CASES = {
     "q8_0": (dict(bits=8, weight_only=True), "Q8_0"),
     "q4_0": (dict(bits=4, scheme="symmetric", group_size=32), "Q4_0"),
     "q4_1": (dict(bits=4, group_size=128), "Q4_1"),
+    # HQQ's float zero points: Q4_1's minimum is a float, so they go in exactly (-zp * scale)
+    "q4_1-hqq": (dict(bits=4, group_size=128, method="hqq"), "Q4_1"),
 }
 # SmolLM2 has 576 input features: groups of 64 divide every layer (partial groups come later).
 SMOLLM2_CASES = {
@@ -102,7 +104,7 @@ def read_tensor(path: Path, name: str) -> tuple[torch.Tensor, str]:
 def expected_from_qparams(layer, permute_heads: int | None = None) -> torch.Tensor:
     """Our weight with the qparams rounded to fp16 as ggml stores them: ``(q - zp) * fp16(s)``
     for Q8_0 / Q4_0, ``q * fp16(s) + fp16(-zp * s)`` for Q4_1."""
-    qt = layer.quantized_weight()
+    qt = gguf_export._weight_of(layer)  # float zero points (HQQ) as the layer stores them
     cols = qt.qdata.shape[1]
     group = qt.granularity.group_size if qt.scale.dim() == 2 else cols
     scale = qt.scale.float().reshape(qt.scale.shape[0], -1).repeat_interleave(group, dim=1)
@@ -268,7 +270,7 @@ def test_minilm_llamacpp_embeddings_match_ours(minilm_exports, case):
         values, kind = read_tensor(path, gguf_name)
         assert kind == MINILM_CASES[case][1]
         assert torch.equal(values, expected_from_qparams(layer))
-        reference = layer.dequantized_weight()
+        reference = gguf_export._dequantized(gguf_export._weight_of(layer))
         assert (values - reference).abs().max() <= 2**-10 * reference.abs().max()
     stats = cosine_stats(ours, llamacpp_embeddings(path, ids))
     print(f"minilm {case}: llama.cpp vs mono_quant cosine {stats}")
@@ -385,3 +387,12 @@ def test_minilm_export_needs_no_tokenizer_when_model_came_from_its_folder(tmp_pa
     assert reader.fields["tokenizer.ggml.model"].contents() == "bert"
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == model.config.vocab_size
     assert os.path.getsize(path) < 0.4 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_check_reads_quantize_options():
+    options_module = pytest.importorskip("mono_quant.core.options")
+    gguf_export.check(options_module.QuantizeOptions(bits=4, scheme="symmetric"))
+    with pytest.raises(ConfigurationError, match="static"):
+        gguf_export.check(options_module.QuantizeOptions(bits=8))
+    with pytest.raises(ConfigurationError):
+        gguf_export.check(options_module.QuantizeOptions(bits=4, group_size=16))
