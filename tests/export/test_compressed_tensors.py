@@ -71,8 +71,10 @@ def assert_same_weights(ours: nn.Module, theirs: nn.Module) -> None:
         dict(mode="dynamic", bits=4, symmetric=True, group_size=128),
         dict(mode="state_dict_weight_only", bits=4, symmetric=False),
         dict(mode="dynamic", bits=8, symmetric=True, layer_configs={"conv": {"kind": "QuantizedConv2d", "bits": 8}}),
+        dict(mode="weight_only", bits=4, layer_configs={"fc": {"kind": "QuantizedLinear", "float_zero_point": True}}),
+        dict(mode="dynamic", bits=8, layer_configs={"fc": {"kind": "QuantizedLinear", "smoothed_input": True}}),
     ],
-    ids=["cast", "int8-asym", "int4-dynamic", "state-dict", "conv"],
+    ids=["cast", "int8-asym", "int4-dynamic", "state-dict", "conv", "hqq-float-zp", "smoothed"],
 )
 def test_check_refuses_what_compressed_tensors_cannot_represent(facts):
     with pytest.raises(ConfigurationError) as err:

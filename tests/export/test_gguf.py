@@ -145,8 +145,9 @@ def corrupt_rows(path: Path, name: str, out: Path) -> Path:
         dict(mode="weight_only", bits=4, symmetric=True, group_size=16),
         dict(mode="state_dict_weight_only", bits=8, symmetric=True),
         dict(mode="weight_only", bits=8, symmetric=True, architecture="gpt2"),
+        dict(mode="dynamic", bits=8, layer_configs={"fc": {"kind": "QuantizedLinear", "smoothed_input": True}}),
     ],
-    ids=["cast", "static", "int8-asym", "group16", "state-dict", "gpt2"],
+    ids=["cast", "static", "int8-asym", "group16", "state-dict", "gpt2", "smoothed"],
 )
 def test_check_refuses_what_gguf_cannot_represent(facts):
     with pytest.raises(ConfigurationError) as err:
