@@ -336,11 +336,14 @@ def decide(
         bits, activation = 8, "none"
         note = f"in_features={shape[-1]} is odd and int4 packs two values per byte; stored int8"
     group_size = options.effective_group_size if bits == 4 else None
+    # 8-bit tables and heads in an int4 run are symmetric per row: what Q8_0 (llama.cpp) and
+    # W8A16 (compressed-tensors, vLLM) store, and int8 needs no zero point to be accurate.
+    symmetric = True if (bits == 8 and options.bits == 4) else options.symmetric
     # GPTQ / HQQ round Linear weights; tables, convolutions and RNNs keep round-to-nearest.
     method = options.effective_method if kind == "linear" else "rtn"
     config = LayerQuantConfig(
         bits=bits,
-        symmetric=options.symmetric,
+        symmetric=symmetric,
         group_size=group_size,
         activation=activation,
         activation_symmetric=options.activation_symmetric,

@@ -297,7 +297,7 @@ def dequantized_layer_weight(
     qt = QuantizedTensor(
         q,
         state[f"{layer}.weight_scale"],
-        None if zero_point is None else zero_point.to(torch.int32),
+        zero_point if zero_point is None or zero_point.is_floating_point() else zero_point.to(torch.int32),
         cfg.weight_spec,
         cfg.granularity,
     )

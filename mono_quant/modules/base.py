@@ -134,7 +134,9 @@ class QuantizedModule(nn.Module):
         qweight = self._canonical_qweight()
         qdata = unpack_int4(qweight) if spec.bits == 4 else qweight
         qdata = qdata.reshape(self.weight_shape)
-        zp = None if self.weight_zero_point is None else self.weight_zero_point.to(torch.int32)
+        zp = self.weight_zero_point
+        if zp is not None and not zp.is_floating_point():  # HQQ's float zero points stay float
+            zp = zp.to(torch.int32)
         return QuantizedTensor(qdata, self.weight_scale, zp, spec, self.config.granularity)
 
     def extra_repr(self) -> str:

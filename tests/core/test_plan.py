@@ -118,7 +118,7 @@ def test_bad_selection_raises_configuration_error(kwargs, match, in_suggestion):
 def test_int4_policy_embedding_and_tied_lm_head_at_8_bits_partial_groups_elsewhere():
     plan = _plan(TiedLM(), bits=4)
     embed, proj, head = (plan.layers[n] for n in ("embed_tokens", "proj", "lm_head"))
-    assert embed.config.bits == 8 and embed.config.group_size is None
+    assert embed.config.bits == 8 and embed.config.group_size is None and embed.config.symmetric  # Q8_0-like
     assert head.config.bits == 8 and head.config.activation == "none" and "output head" in head.note
     assert proj.config.bits == 4 and proj.config.group_size == 128 and proj.config.groups(192) == 2
     assert plan.ties == {"embed_tokens": ["embed_tokens", "lm_head"]}
