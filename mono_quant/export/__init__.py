@@ -15,13 +15,13 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mono_quant.errors import ConfigurationError
 
-__all__ = ["ExportFormat", "EXPORT_FORMATS", "get_format", "ARTIFACT_NAMES"]
+__all__ = ["ExportFormat", "EXPORT_FORMATS", "get_format", "ARTIFACT_NAMES", "check_facts"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,23 @@ def get_format(name: str) -> ExportFormat:
             suggestion=f"Use one of: {', '.join(EXPORT_FORMATS)} (or no format for mono_quant's safetensors).",
         )
     return importlib.import_module(module).FORMAT
+
+
+def check_facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """What a format's ``check`` decides on: ``mode``, ``bits``, ``symmetric``, ``group_size``
+    and ``layer_configs``, from a QuantizationInfo, a QuantizeOptions (the service checks a
+    request with it before anything is quantized), a plain dict, or keyword facts."""
+    facts: dict[str, Any] = {}
+    if info is not None:
+        if isinstance(info, Mapping):
+            facts.update(info)
+        elif hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
+            facts["bits"], facts["symmetric"] = info.bits, info.symmetric
+            facts["group_size"] = info.effective_group_size if info.bits == 4 else info.group_size
+            facts["mode"] = "cast" if info.bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
+        else:
+            for key in ("mode", "bits", "symmetric", "group_size", "layer_configs"):
+                facts[key] = getattr(info, key, None)
+    facts.update(overrides)
+    facts.setdefault("layer_configs", {})
+    return facts

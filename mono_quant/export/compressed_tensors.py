@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError
-from mono_quant.export import ExportFormat
+from mono_quant.export import ExportFormat, check_facts
 
 __all__ = ["FORMAT", "check", "export", "pack_to_int32", "expand_group_qparams"]
 
@@ -90,26 +90,6 @@ _TOKENIZER_FILES = (
 
 
 # -- check -----------------------------------------------------------------------------------
-def _facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``mode``, ``bits``, ``symmetric``, ``group_size`` and ``layer_configs`` from a
-    QuantizationInfo, a plain dict, or keyword facts (the service checks a request with these
-    before anything is quantized)."""
-    facts: dict[str, Any] = {}
-    if info is not None:
-        if isinstance(info, Mapping):
-            facts.update(info)
-        elif hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
-            facts["bits"], facts["symmetric"] = info.bits, info.symmetric
-            facts["group_size"] = info.effective_group_size if info.bits == 4 else info.group_size
-            facts["mode"] = "cast" if info.bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
-        else:
-            for key in ("mode", "bits", "symmetric", "group_size", "layer_configs"):
-                facts[key] = getattr(info, key, None)
-    facts.update(overrides)
-    facts.setdefault("layer_configs", {})
-    return facts
-
-
 def check(info: Any = None, /, **facts: Any) -> None:
     """Raise ConfigurationError when compressed-tensors cannot represent the quantization.
 
@@ -125,7 +105,7 @@ def check(info: Any = None, /, **facts: Any) -> None:
         ...
         mono_quant.errors.ConfigurationError: compressed-tensors export cannot represent mode 'cast' ...
     """
-    f = _facts(info, facts)
+    f = check_facts(info, facts)
     mode, bits, symmetric = f.get("mode"), f.get("bits"), f.get("symmetric", True)
     if mode is not None and str(mode).startswith("state_dict"):
         raise ConfigurationError(
@@ -247,15 +227,6 @@ def expand_group_qparams(qparam: torch.Tensor, in_features: int, group_size: int
     return torch.repeat_interleave(qparam, repeats, dim=-1), new_group
 
 
-def _weight_of(layer):
-    """The layer's QuantizedTensor, with float zero points (HQQ) kept as the layer stores them."""
-    qt = layer.quantized_weight()
-    stored = getattr(layer, "weight_zero_point", None)
-    if isinstance(stored, torch.Tensor) and stored.is_floating_point():
-        qt = type(qt)(qt.qdata, qt.scale, stored.reshape(qt.scale.shape), qt.spec, qt.granularity)
-    return qt
-
-
 def _dequantize_any(qt) -> torch.Tensor:
     """``(q - zp) * scale`` for a QuantizedTensor, also with a partial last group."""
     q = qt.qdata.to(torch.float32)
@@ -281,7 +252,7 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(scheme, tensors)`` of one QuantizedLinear: its compressed-tensors scheme (weights,
     input_activations, format) and the tensors the format stores under its prefix."""
     config = layer.config
-    qt = _weight_of(layer)
+    qt = layer.quantized_weight()
     if qt.zero_point is not None and qt.zero_point.is_floating_point():
         raise ConfigurationError(
             f"layer {name!r} has float zero points (e.g. HQQ), which compressed-tensors cannot store: its zero "
@@ -347,7 +318,7 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _head_unrepresentable(name: str, layer) -> str | None:
     """Why compressed-tensors cannot hold the head quantized, or None when it can."""
-    zero_point = _weight_of(layer).zero_point
+    zero_point = layer.quantized_weight().zero_point
     if zero_point is not None and zero_point.is_floating_point():
         return "float zero points"
     try:
@@ -375,7 +346,7 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
     from mono_quant.modules import QuantizedModule
 
     if isinstance(module, QuantizedModule):
-        return _dequantize_any(_weight_of(module))
+        return _dequantize_any(module.quantized_weight())
     weight = getattr(module, "weight", None)
     return None if weight is None else weight.detach()
 
@@ -479,7 +450,7 @@ def export(
             handled.add(name)
         elif isinstance(module, (QuantizedEmbedding, QuantizedLinear)):
             # Written as the float weight the layer computes with (see the module docstring).
-            tensors[f"{name}.weight"] = _dequantize_any(_weight_of(module)).to(float_dtype).contiguous()
+            tensors[f"{name}.weight"] = _dequantize_any(module.quantized_weight()).to(float_dtype).contiguous()
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 tensors[f"{name}.bias"] = bias.detach().to(float_dtype)

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError
-from mono_quant.export import ExportFormat
+from mono_quant.export import ExportFormat, check_facts
 
 __all__ = ["FORMAT", "check", "export", "ARCHITECTURES", "encode_q8_0", "encode_q4_0", "encode_q4_1"]
 
@@ -92,22 +92,6 @@ def _dropped(key: str) -> bool:
 
 
 # -- check -----------------------------------------------------------------------------------
-def _facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    facts: dict[str, Any] = {}
-    if info is not None:
-        if isinstance(info, Mapping):
-            facts.update(info)
-        elif hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
-            facts["bits"], facts["symmetric"] = info.bits, info.symmetric
-            facts["group_size"] = info.effective_group_size if info.bits == 4 else info.group_size
-            facts["mode"] = "cast" if info.bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
-        else:
-            for key in ("mode", "bits", "symmetric", "group_size", "layer_configs"):
-                facts[key] = getattr(info, key, None)
-    facts.update(overrides)
-    return facts
-
-
 def check(info: Any = None, /, **facts: Any) -> None:
     """Raise ConfigurationError when GGUF cannot represent the quantization.
 
@@ -123,7 +107,7 @@ def check(info: Any = None, /, **facts: Any) -> None:
         ...
         mono_quant.errors.ConfigurationError: GGUF export needs int4 groups of a multiple of 32 values, ...
     """
-    f = _facts(info, facts)
+    f = check_facts(info, facts)
     mode, bits, symmetric, group_size = f.get("mode"), f.get("bits"), f.get("symmetric", True), f.get("group_size")
     if mode is not None and str(mode).startswith("state_dict"):
         raise ConfigurationError(
@@ -170,15 +154,6 @@ def _smoothed(name: str) -> ConfigurationError:
         "it; GGUF has no per-channel input scale, so llama.cpp would compute differently",
         suggestion="Quantize without smoothing= for a GGUF export.",
     )
-
-
-def _weight_of(layer):
-    """The layer's QuantizedTensor, with float zero points (HQQ) kept as the layer stores them."""
-    qt = layer.quantized_weight()
-    stored = getattr(layer, "weight_zero_point", None)
-    if isinstance(stored, torch.Tensor) and stored.is_floating_point():
-        qt = type(qt)(qt.qdata, qt.scale, stored.reshape(qt.scale.shape), qt.spec, qt.granularity)
-    return qt
 
 
 def _unsupported_architecture(architecture: Any) -> ConfigurationError:
@@ -469,7 +444,7 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
     from mono_quant.modules import QuantizedModule
 
     if isinstance(module, QuantizedModule):
-        return _dequantized(_weight_of(module))
+        return _dequantized(module.quantized_weight())
     weight = getattr(module, "weight", None)
     return None if weight is None else weight.detach().float()
 
@@ -571,9 +546,9 @@ def export(
         small_embedding = isinstance(module, QuantizedEmbedding) and module is not input_module
         if small_embedding:
             # position / token-type tables: llama.cpp adds them as float rows
-            data, kind, note = _dequantized(_weight_of(module)).numpy(), gguf.GGMLQuantizationType.F32, None
+            data, kind, note = _dequantized(module.quantized_weight()).numpy(), gguf.GGMLQuantizationType.F32, None
         else:
-            data, kind, note = _encode(name, _weight_of(module), permutation(name))
+            data, kind, note = _encode(name, module.quantized_weight(), permutation(name))
         if note:
             fallbacks.append(f"{name} ({note})")
         counts[kind] = counts.get(kind, 0) + 1
