@@ -61,10 +61,13 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_CLIP_SEARCH_STEPS = 0
 VALID_OBSERVERS = ("minmax", "moving_average", "histogram")
 VALID_METHODS = ("rtn", "hqq", "gptq")
-# SmoothQuant's alpha when calibration data comes with an int8 run with activations. Measured on
-# MiniLM int8 dynamic (bench/accuracy_algorithms.py): 0.3 -> 0.99765, 0.5 -> 0.99899,
-# 0.65 -> 0.99906, 0.8 -> 0.99871 mean embedding cosine (0.99728 without smoothing).
-DEFAULT_SMOOTHING_ALPHA = 0.65
+# SmoothQuant's alpha when calibration data comes with a dynamic int8 run (bench/accuracy_algorithms.py):
+# SmolLM2 perplexity vs fp32 +2.05% without, +0.78% at 0.5, +3.5% at 0.8; MiniLM mean embedding cosine
+# 0.99728 without, 0.99899 at 0.5, 0.99906 at 0.65 (the best there), 0.99871 at 0.8.
+DEFAULT_SMOOTHING_ALPHA = 0.5
+# GPTQ chooses each group's qparams on the updated weights with the clip search: better than
+# min/max there on both MiniLM and SmolLM2 (unlike round-to-nearest), so it has its own default.
+GPTQ_CLIP_SEARCH_STEPS = 8
 # defaults of the counting options left at None
 _COUNT_DEFAULTS = {
     "num_calibration_samples": 128,
@@ -242,8 +245,8 @@ class QuantizeOptions:
     clip_search_steps: int | None = _opt(
         None,
         f"int4 MSE clipping search candidates per group (default {DEFAULT_CLIP_SEARCH_STEPS}; 0 = plain min/max)",
-        applies=lambda o: o.bits == 4 or o.embedding_bits == 4,
-        applies_text="bits=4",
+        applies=lambda o: o.bits == 4 or o.embedding_bits == 4 or o.method == "gptq",
+        applies_text="bits=4 (and GPTQ's group qparams)",
     )
     method: str | None = _opt(
         None,
@@ -482,7 +485,9 @@ class QuantizeOptions:
 
     @property
     def effective_clip_search_steps(self) -> int:
-        return DEFAULT_CLIP_SEARCH_STEPS if self.clip_search_steps is None else self.clip_search_steps
+        if self.clip_search_steps is not None:
+            return self.clip_search_steps
+        return GPTQ_CLIP_SEARCH_STEPS if self.effective_method == "gptq" else DEFAULT_CLIP_SEARCH_STEPS
 
     @property
     def effective_method(self) -> str:

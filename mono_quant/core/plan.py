@@ -348,7 +348,7 @@ def decide(
         activation=activation,
         activation_symmetric=options.activation_symmetric,
         per_channel=options.effective_per_channel or bits == 4,
-        clip_search_steps=options.effective_clip_search_steps if bits == 4 else 0,
+        clip_search_steps=options.effective_clip_search_steps if bits == 4 or method == "gptq" else 0,
         method=method,
         float_zero_point=method == "hqq" and not options.symmetric,
     )

@@ -28,8 +28,9 @@ What each quantized layer becomes (the layouts of compressed-tensors' own compre
   (vLLM quantizes a head only when a target names it, since vLLM #37291; older vLLM and SGLang
   before their fix serve garbage from a quantized head). ``export(..., float_head=True)`` writes it
   in float instead (dequantized: the same weights, but its activations are then not quantized).
-  A head compressed-tensors cannot run quantized (asymmetric int8) is written in float with a
-  warning. Float Linears are listed in ``ignore``. A tied head that is quantized, or whose float
+  A head compressed-tensors cannot run quantized (asymmetric int8), and the 8-bit head of an
+  int4 run (a scheme of its own trips consumers), are written in float, tied again to the
+  embedding when equal. Float Linears are listed in ``ignore``. A tied head that is quantized, or whose float
   weight differs from the embedding's, is written untied (``tie_word_embeddings: false``).
 * Scales are stored in fp32, so an fp32 load decompresses to exactly mono_quant's weights.
 
@@ -434,12 +435,18 @@ def export(
     float_linears: set[str] = set()
     handled: set[str] = set()  # module prefixes whose tensors are written here, not from state_dict
     head_notes: list[str] = []
+    # An int4 run keeps its head at 8 bits: a second scheme just for the head trips consumers
+    # (transformers' dequantize path cannot load it; vLLM before #37291 serves garbage). Written
+    # in float it is tied to the (float) embedding again: the same numbers, no extra bytes.
+    int4_run = any(isinstance(m, QuantizedLinear) and m.config.bits == 4 for m in model.modules())
     for name, module in model.named_modules():
         head_reason = None
         if isinstance(module, QuantizedLinear) and name == output_name:
             head_reason = "float_head=True" if float_head else _head_unrepresentable(name, module)
             if head_reason and not float_head:
                 head_notes.append(f"{name}: {head_reason}")
+            elif head_reason is None and int4_run and module.config.bits == 8:
+                head_reason = "an 8-bit head in an int4 run"  # the policy above: no warning
         if isinstance(module, QuantizedLinear) and head_reason is None:
             scheme, layer_tensors = _scheme_of(name, module)
             schemes[name] = scheme

@@ -238,8 +238,8 @@ def test_minilm_corrupted_tensor_is_caught(minilm_exports, tmp_path):
 # -- SmolLM2 --------------------------------------------------------------------------------------------
 SMOLLM2_CASES = {
     "w8a8-dynamic": dict(bits=8, dynamic=True),
-    # groups of 64 divide SmolLM2's 576 features (partial last groups come with the plan)
-    "w4a16-asym": dict(bits=4, group_size=64, clip_search_steps=0),
+    # 576 features in groups of 128: a partial last group, written as groups of 64
+    "w4a16-asym": dict(bits=4, group_size=128),
 }
 
 
@@ -308,7 +308,8 @@ def test_smollm2_transformers_perplexity_matches_ours(smollm2, smollm2_exports, 
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         keys = set(handle.keys())
     head = result.model.lm_head
-    if ct_export._head_unrepresentable("lm_head", head) is None:
+    int4_run = case.startswith("w4")  # an int4 run's 8-bit head is written in float (see the exporter)
+    if ct_export._head_unrepresentable("lm_head", head) is None and not int4_run:
         # A quantized head is written quantized, named in its group's targets, untied from the
         # (float) embedding.
         assert "lm_head" not in quantization["ignore"]
@@ -316,8 +317,8 @@ def test_smollm2_transformers_perplexity_matches_ours(smollm2, smollm2_exports, 
         assert config["tie_word_embeddings"] is False
         assert "lm_head.weight_scale" in keys
     else:
-        # e.g. an asymmetric int8 head (int4 runs): written in float, ignored; tied again when it
-        # equals the embedding.
+        # the 8-bit head of an int4 run, or one the format cannot hold: written in float, ignored;
+        # tied again when it equals the embedding.
         assert "lm_head" in quantization["ignore"]
         tied = torch.equal(head.dequantized_weight(), result.model.model.embed_tokens.dequantized_weight())
         assert config["tie_word_embeddings"] == tied and ("lm_head.weight" in keys) != tied
