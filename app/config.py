@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     max_safetensors_tensors: int = Field(
         100_000, gt=0, description="Most tensors a safetensors file (or each zipped shard) may declare."
     )
+    max_text_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Largest calibration or eval text upload (.txt / .jsonl); 413 past it. The worker "
+        "tokenizes all of it.",
+    )
+    eval_max_tokens: int = Field(
+        32768,
+        gt=0,
+        description="Most tokens of eval text a job scores (before and after quantization): the first "
+        "eval_max_tokens // seq_len windows.",
+    )
     temp_max_age_s: float = Field(
         900.0,
         gt=0,

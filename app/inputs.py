@@ -8,11 +8,20 @@ A zip must be a Hugging Face model folder: ``config.json`` plus safetensors weig
 headers are checked inside the archive by the library's one strict header parser. A zip is
 never trusted for its sizes: each member's compression ratio is bounded at submission (a
 zip bomb is refused with 413), and :func:`extract_model_zip` counts the real bytes it
-writes and stops at the limit.
+writes and stops at the limit. Tokenizer files next to config.json (``tokenizer.json``,
+``tokenizer_config.json``, vocab files...) are extracted too; the upload's details say
+whether it has a tokenizer (text calibration and eval need one).
+
+Text uploads (calibration or eval text, :data:`TEXT_FORMATS`): ``.txt`` is split into
+documents at blank lines (a line with only whitespace ends a document; single newlines stay
+inside it); ``.jsonl`` has one JSON object per line with a string ``"text"`` (blank lines are
+skipped). Both are checked at submission: UTF-8, at most ``max_text_bytes``, at least one
+non-empty document, every jsonl line an object with a string ``text``.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import shutil
 import zipfile
@@ -26,14 +35,41 @@ from app.config import Settings
 from mono_quant.errors import InputError, InputTooLargeError, MonoQuantError, UnsupportedFormatError
 from mono_quant.io.handlers import inspect_model_file, read_safetensors_header_from, sniff_format, zip_member_count
 
-__all__ = ["MODEL_FORMATS", "TRUSTED_ONLY_FORMATS", "inspect_upload", "extract_model_zip", "named_for_the_user"]
+__all__ = [
+    "MODEL_FORMATS",
+    "TRUSTED_ONLY_FORMATS",
+    "TEXT_FORMATS",
+    "inspect_upload",
+    "extract_model_zip",
+    "named_for_the_user",
+    "iter_text_documents",
+]
 
 TRUSTED_ONLY_FORMATS = frozenset({"pickle", "torch_zip", "torchscript", "pt2"})
 # format name stored on the upload -> how the worker loads it
 MODEL_FORMATS = ("safetensors", "pytorch", "hf_zip", *sorted(TRUSTED_ONLY_FORMATS))
 # Files of a model folder the worker needs; anything else in the zip is ignored, never extracted.
 _FOLDER_FILES = ("config.json", "generation_config.json")
+# Tokenizer files transformers' AutoTokenizer reads (no Python files: remote code is never run).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+)
+# Any one of these holds a vocabulary: with it the upload "has a tokenizer".
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_MAX_TOKENIZER_FILE_BYTES = 256 * 1024 * 1024
+# Text uploads: file name suffix -> format stored on the upload.
+TEXT_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl"}
 _COPY_CHUNK = 1024 * 1024
 # Members smaller than this are never refused for their ratio (a tiny JSON file compresses well).
 _RATIO_FLOOR_BYTES = 1024 * 1024
@@ -53,7 +89,7 @@ def inspect_upload(path: Path, kind: str, settings: Settings, filename: str = "u
     """
     try:
         with named_for_the_user(path, filename):
-            return _inspect(path, kind, settings)
+            return _inspect(path, kind, settings, filename)
     except UnsupportedFormatError:
         if sniff_format(path) == "unknown" and filename.lower().endswith(".safetensors"):
             # Named .safetensors but not even a readable header: a truncated or corrupt file.
@@ -64,7 +100,10 @@ def inspect_upload(path: Path, kind: str, settings: Settings, filename: str = "u
         raise
 
 
-def _inspect(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
+def _inspect(path: Path, kind: str, settings: Settings, filename: str = "upload") -> dict[str, Any]:
+    text_format = TEXT_FORMATS.get(PurePosixPath(filename.lower()).suffix)
+    if kind == "dataset" and text_format is not None:
+        return _inspect_text(path, text_format, settings, filename)
     sniffed = sniff_format(path)
     if sniffed == "zip":
         if kind != "model":
@@ -96,6 +135,84 @@ def _inspect(path: Path, kind: str, settings: Settings) -> dict[str, Any]:
     if not details.get("tensors"):
         raise InputError("the upload holds no tensors", suggestion="Save a non-empty state_dict of tensors.")
     return details
+
+
+def _text_error(filename: str, what: str, text_format: str) -> InputError:
+    rule = (
+        'one JSON object per line with a string "text", e.g. {"text": "The cat sat."}'
+        if text_format == "jsonl"
+        else "UTF-8 text, documents separated by blank lines"
+    )
+    return InputError(f"{filename}: {what}", suggestion=f"Send {rule}.")
+
+
+def iter_text_documents(path: Path, text_format: str, filename: str = "upload") -> Iterator[str]:
+    """The documents of a text upload, in order (streamed: memory holds one document).
+
+    ``text``: documents are separated by blank lines; ``jsonl``: one ``{"text": ...}`` object
+    per line. Raises InputError (naming the line) for invalid UTF-8 or a bad jsonl line.
+
+    Example:
+        >>> list(iter_text_documents(Path("calibration.txt"), "text"))  # doctest: +SKIP
+        ['First paragraph,\nstill the first.', 'Second paragraph.']
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    paragraph: list[str] = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = decoder.decode(raw)
+            except UnicodeDecodeError as exc:
+                raise _text_error(filename, f"line {number} is not valid UTF-8 ({exc.reason})", text_format) from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte order mark is not text
+            if text_format == "jsonl":
+                document = _jsonl_text(line, number, filename)
+                if document is not None:
+                    yield document
+            elif line.strip():
+                paragraph.append(line.rstrip("\r\n"))
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise _text_error(filename, "the file ends inside a UTF-8 character (truncated?)", text_format) from None
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _jsonl_text(line: str, number: int, filename: str) -> str | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise _text_error(filename, f"line {number} nests JSON too deeply", "jsonl") from None
+    except json.JSONDecodeError as exc:
+        raise _text_error(filename, f"line {number} is not valid JSON ({exc.msg})", "jsonl") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        got = type(record).__name__ if not isinstance(record, dict) else f"keys {sorted(record)[:5]}"
+        raise _text_error(filename, f'line {number} is not an object with a string "text" (got {got})', "jsonl")
+    return record["text"] if record["text"].strip() else None
+
+
+def _inspect_text(path: Path, text_format: str, settings: Settings, filename: str) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > settings.max_text_bytes:
+        raise InputTooLargeError(
+            f"{filename} is {size} bytes, more than the text limit of {settings.max_text_bytes}",
+            suggestion="Send less text (a few hundred thousand tokens calibrate and evaluate well), or ask the "
+            "operator to raise MONOQUANT_MAX_TEXT_BYTES.",
+        )
+    documents = characters = 0
+    for document in iter_text_documents(path, text_format, filename):
+        documents += 1
+        characters += len(document)
+    if not documents:
+        raise _text_error(filename, "the file holds no text", text_format)
+    return {"format": text_format, "documents": documents, "characters": characters}
 
 
 @contextmanager
@@ -186,7 +303,11 @@ def _inspect_model_zip(path: Path, settings: Settings) -> dict[str, Any]:
                     suggestion="Zip the model folder (config.json + model.safetensors), or upload a .safetensors file.",
                 )
             weights = [info for name, info in members.items() if _is_weight_file(name, root)]
-            _check_sizes([config_info, *weights], settings)
+            tokenizer_files = {
+                name[len(root) :]: info for name, info in members.items() if _in_folder(name, root, _TOKENIZER_FILES)
+            }
+            _check_sizes([config_info, *weights, *tokenizer_files.values()], settings)
+            _check_tokenizer_files(archive, tokenizer_files)
             config = _load_config(archive, config_info)
             if config.get("auto_map"):
                 raise UnsupportedFormatError(
@@ -210,6 +331,7 @@ def _inspect_model_zip(path: Path, settings: Settings) -> dict[str, Any]:
         "architectures": config.get("architectures"),
         "weight_files": len(weights),
         "tensors": tensors,
+        "tokenizer": any(name in tokenizer_files for name in _VOCABULARY_FILES),
     }
 
 
@@ -223,6 +345,39 @@ def _folder_root(members: dict[str, zipfile.ZipInfo]) -> str:
         return ""
     configs = [name for name in members if PurePosixPath(name).name == "config.json" and name.count("/") == 1]
     return configs[0].rsplit("/", 1)[0] + "/" if len(configs) == 1 else ""
+
+
+def _in_folder(name: str, root: str, names: tuple[str, ...]) -> bool:
+    return name.startswith(root) and name[len(root) :] in names
+
+
+def _check_tokenizer_files(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInfo]) -> None:
+    """Tokenizer files are bounded in size; the JSON ones must parse and name no remote code."""
+    for name, info in files.items():
+        if info.file_size > _MAX_TOKENIZER_FILE_BYTES:
+            raise InputTooLargeError(
+                f"{name} in the zip is {info.file_size} bytes, more than the limit of {_MAX_TOKENIZER_FILE_BYTES}",
+                suggestion="Include the tokenizer files transformers saves (save_pretrained), nothing else.",
+            )
+    config_info = files.get("tokenizer_config.json")
+    if config_info is None:
+        return
+    with archive.open(config_info) as handle:
+        raw = handle.read(_MAX_CONFIG_BYTES + 1)
+    try:
+        config = json.loads(raw) if len(raw) <= _MAX_CONFIG_BYTES else None
+    except (RecursionError, json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise InputError(
+            "tokenizer_config.json in the zip is not a JSON object (or is larger than 4 MiB)",
+            suggestion="Use the tokenizer files saved by transformers (tokenizer.save_pretrained).",
+        )
+    if config.get("auto_map"):
+        raise UnsupportedFormatError(
+            "this tokenizer needs custom remote code (tokenizer_config.json has auto_map), which is never run",
+            suggestion="Use a tokenizer class that ships with transformers, or drop the tokenizer files.",
+        )
 
 
 def _is_weight_file(name: str, root: str) -> bool:
@@ -249,7 +404,8 @@ def _check_member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, settin
 def extract_model_zip(path: Path, destination: Path, settings: Settings | None = None) -> Path:
     """Extract the model folder files of a checked zip into ``destination``; returns the folder.
 
-    Only ``config.json``, ``generation_config.json`` and the safetensors weights are written,
+    Only ``config.json``, ``generation_config.json``, the tokenizer files and the safetensors
+    weights are written,
     under server-chosen names (no member path is ever joined to the filesystem as given).
     Sizes and ratios are checked again (the blob may predate today's limits), and the real
     bytes written are counted: past ``max_job_write_bytes`` (or a member's declared size)
@@ -267,7 +423,7 @@ def extract_model_zip(path: Path, destination: Path, settings: Settings | None =
             wanted = [
                 (name, info)
                 for name, info in members.items()
-                if (name[len(root) :] if name.startswith(root) else "") in _FOLDER_FILES or _is_weight_file(name, root)
+                if _in_folder(name, root, _FOLDER_FILES + _TOKENIZER_FILES) or _is_weight_file(name, root)
             ]
             _check_sizes([info for _, info in wanted], settings)
             for name, info in wanted:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from mono_quant.core.options import OptionSpec, QuantizeOptions, option_specs, split_list
+from mono_quant.export import EXPORT_FORMATS
 
 __all__ = [
     "JobStatus",
@@ -59,11 +60,35 @@ class _ServiceParams(BaseModel):
     callback_url: AnyHttpUrl | None = Field(
         None, description="Receives a signed webhook (Standard Webhooks) when the job ends."
     )
+    seq_len: int = Field(
+        512,
+        ge=8,
+        le=32768,
+        description="Text calibration / eval: tokens per packed sequence (capped at the model's "
+        "max_position_embeddings).",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Text calibration: seed of the random choice of sequences to calibrate on."
+    )
+    export_formats: list[str] = Field(
+        default_factory=list,
+        description="Exports written next to model.safetensors, one artifact each: "
+        "compressed-tensors (compressed-tensors.zip), gguf (model.gguf), onnx (model.onnx). "
+        "Repeated fields or one comma-separated value; checked against the mode at submission.",
+        json_schema_extra={"items": {"type": "string", "enum": list(EXPORT_FORMATS)}},
+    )
 
     @field_validator("layer_types", "include", "exclude", mode="before", check_fields=False)
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return split_list(value) if isinstance(value, (str, list)) else value
+
+    @field_validator("export_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: Any) -> Any:
+        if isinstance(value, (str, list)):
+            return list(dict.fromkeys(split_list(value) or []))  # order kept, duplicates dropped
+        return value
 
     def library_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``mono_quant.quantize()``: the options the caller set (unset
@@ -130,6 +155,7 @@ class Job(BaseModel):
     params: dict[str, Any] = Field(description="The validated QuantizeParams of the job.")
     model_id: str | None
     dataset_id: str | None
+    eval_id: str | None = Field(None, description="The eval text upload the report's accuracy figures come from.")
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None

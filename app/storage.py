@@ -28,6 +28,10 @@ __all__ = ["ARTIFACT_MEDIA_TYPES", "Storage", "BlobWriter", "StoredFile", "sha25
 ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     "model.safetensors": "application/octet-stream",
     "report.json": "application/json",
+    # one per export format (mono_quant.export.ARTIFACT_NAMES)
+    "compressed-tensors.zip": "application/zip",
+    "model.gguf": "application/octet-stream",
+    "model.onnx": "application/octet-stream",
 }
 _HASH_CHUNK = 1024 * 1024
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})

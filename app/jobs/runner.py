@@ -7,8 +7,11 @@ redelivered message never runs a job twice. Every later write is tied to that at
 run that was cancelled, timed out or replaced cannot overwrite the job's outcome.
 
 Stages, reported as ``progress {stage, fraction}``: load, calibrate (static only), quantize,
-validate, save. Cancellation is checked between stages and inside the library's progress
-callback.
+validate, evaluate (with eval text), save, export (with export_formats). Cancellation is
+checked between stages and inside the library's progress callback.
+
+Text uploads are tokenized here with the model's own tokenizer (:mod:`app.jobs.evaluation`);
+the report says which windows were calibrated on and which were measured, never the same.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import logging
 import os
 import socket
 import time
+import zipfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.inputs import TRUSTED_ONLY_FORMATS, extract_model_zip
-from app.jobs.store import ArtifactRow, JobRow, JobStore
+from app.inputs import TEXT_FORMATS, TRUSTED_ONLY_FORMATS, extract_model_zip, named_for_the_user
+from app.jobs.evaluation import HELD_OUT_FRACTION, TextWindows, choose_windows, pack_text, split_held_out
+from app.jobs.store import ArtifactRow, BlobRow, JobRow, JobStore
 from app.jobs.views import job_model
 from app.jobs.webhooks import deliver
 from app.schemas import QuantizeParams
@@ -92,43 +98,190 @@ def _device(settings: Settings) -> str:
     return settings.device
 
 
-def _load_model(job: JobRow, store: JobStore, storage: Storage, work_dir: Path) -> tuple[Any, bool]:
-    """``(model for quantize(), trusted)`` from the job's uploaded model."""
+@dataclass
+class _Model:
+    """What the worker loaded: the model for quantize() (a module or a weights file path)."""
+
+    model: Any
+    trusted: bool = False
+    tokenizer: Any = None
+
+
+def _load_model(job: JobRow, store: JobStore, storage: Storage, work_dir: Path, settings: Settings) -> _Model:
     blob = store.get_blob(job.model_blob_id, job.owner) if job.model_blob_id else None
     if blob is None:
         raise InputError("the job's model upload was deleted", suggestion="Upload the model again and resubmit.")
     blob_path = storage.blob_path(blob.id)
-    blob_format = blob.format
-    if blob_format == "hf_zip":
-        from mono_quant.io.hf import load_hf_folder
+    if blob.format == "hf_zip":
+        from mono_quant.io.hf import load_hf_folder, load_hf_tokenizer
 
-        folder = extract_model_zip(blob_path, work_dir / "model")
-        return load_hf_folder(folder), False
-    return str(blob_path), blob_format in TRUSTED_ONLY_FORMATS
+        folder = extract_model_zip(blob_path, work_dir / "model", settings)
+        return _Model(load_hf_folder(folder), tokenizer=load_hf_tokenizer(folder))
+    return _Model(str(blob_path), trusted=blob.format in TRUSTED_ONLY_FORMATS)
 
 
-def _load_calibration(job: JobRow, storage: Storage) -> Any:
-    """The job's calibration inputs: one tensor, or a dict of keyword inputs (``input_ids``,
-    ``attention_mask``...) whose first dimension indexes samples; the library batches both."""
-    if job.dataset_blob_id is None:
+def _blob(job: JobRow, store: JobStore, blob_id: str | None, what: str) -> BlobRow | None:
+    if blob_id is None:
         return None
-    from mono_quant.io.hf import load_calibration_file
+    blob = store.get_blob(blob_id, job.owner)
+    if blob is None:
+        raise InputError(f"the job's {what} upload was deleted", suggestion="Upload it again and resubmit.")
+    return blob
 
-    return load_calibration_file(storage.blob_path(job.dataset_blob_id))
+
+def _text_windows(blob: BlobRow, storage: Storage, loaded: _Model, seq_len: int) -> TextWindows:
+    if loaded.tokenizer is None:  # refused at submission; a blob named by id may predate the check
+        raise InputError(
+            f"{blob.filename} is text, but the model upload has no tokenizer to read it",
+            suggestion="Zip the model folder with its tokenizer files (tokenizer.save_pretrained(folder)).",
+        )
+    path = storage.blob_path(blob.id)
+    with named_for_the_user(path, blob.filename):
+        return pack_text(path, blob.format, blob.filename, loaded.tokenizer, seq_len, loaded.model)
 
 
-def _validation_sample(calibration: Any) -> Any:
-    if calibration is None:
-        return None
+@dataclass
+class _Data:
+    """The job's data: calibration for quantize(), eval windows for the report, and what
+    the report says about both."""
+
+    calibration: Any = None
+    eval_windows: TextWindows | None = None
+    calibration_report: dict[str, Any] | None = None
+    eval_report: dict[str, Any] | None = None
+
+
+def _load_data(
+    job: JobRow, params: Any, store: JobStore, storage: Storage, loaded: _Model, settings: Settings
+) -> _Data:
+    """Calibration and eval data: tensors as uploaded, text tokenized and packed; without an
+    eval upload the last part of the calibration text is held out for the report."""
+    data = _Data()
+    text_formats = set(TEXT_FORMATS.values())
+    calibration_blob = _blob(job, store, job.dataset_blob_id, "calibration")
+    eval_blob = _blob(job, store, job.eval_blob_id, "eval")
+    options = params.options(has_calibration=calibration_blob is not None)
+    if eval_blob is not None:
+        data.eval_windows = _text_windows(eval_blob, storage, loaded, params.seq_len)
+        data.eval_report = {"source": f"eval upload {eval_blob.filename}", **data.eval_windows.describe()}
+    if calibration_blob is not None and calibration_blob.format in text_formats:
+        windows = _text_windows(calibration_blob, storage, loaded, params.seq_len)
+        held_out = None
+        if data.eval_windows is None:
+            windows, held_out = split_held_out(windows)
+        chosen = choose_windows(windows, options.effective_calibration_samples, params.seed)
+        data.calibration = chosen.batch()
+        data.calibration_report = {
+            "source": calibration_blob.filename,
+            "format": calibration_blob.format,
+            **windows.describe(),
+            "samples": len(chosen),
+            "seed": params.seed,
+            "held_out_windows": len(held_out) if held_out is not None else 0,
+            "notes": windows.notes,
+        }
+        if held_out is not None:
+            data.eval_windows = held_out
+            data.eval_report = {
+                "source": f"held out: the last {HELD_OUT_FRACTION:.0%} of the calibration text's sequences "
+                f"({calibration_blob.filename}), never calibrated on",
+                **held_out.describe(),
+            }
+        elif data.eval_windows is None:
+            data.calibration_report["notes"] = [
+                *windows.notes,
+                "one sequence only: nothing could be held out, so no accuracy figure comes from the text",
+            ]
+    elif calibration_blob is not None:
+        from mono_quant.io.hf import load_calibration_file
+
+        path = storage.blob_path(calibration_blob.id)
+        with named_for_the_user(path, calibration_blob.filename):
+            data.calibration = load_calibration_file(path)
+    if data.eval_windows is not None:
+        cap = max(1, settings.eval_max_tokens // max(data.eval_windows.seq_len, 1))
+        if len(data.eval_windows) > cap:
+            data.eval_windows = data.eval_windows.rows(slice(0, cap))
+            data.eval_report = {**data.eval_report, **data.eval_windows.describe(), "capped_by": "eval_max_tokens"}
+    return data
+
+
+def _validation_sample(data: _Data, model: Any) -> Any:
+    """Inputs the output metrics are measured on: eval text, else tensor calibration rows (as
+    uploaded), else a transformers model's own ``dummy_inputs``."""
+    if data.eval_windows is not None:
+        return data.eval_windows.rows(slice(0, _VALIDATION_ROWS)).batch()
+    calibration = data.calibration
     if isinstance(calibration, dict):
         return {name: tensor[:_VALIDATION_ROWS] for name, tensor in calibration.items()}
-    return calibration[:_VALIDATION_ROWS]
+    if calibration is not None:
+        return calibration[:_VALIDATION_ROWS]
+    dummy = getattr(model, "dummy_inputs", None) if not isinstance(model, str) else None
+    return dict(dummy) if isinstance(dummy, dict) and dummy else None
+
+
+def _zip_folder(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zipped.write(path, path.relative_to(folder).as_posix())
+    return archive
+
+
+def _two_rows(tensor: Any) -> Any:
+    rows = tensor[:2]
+    return rows.repeat(2, *([1] * (rows.dim() - 1))) if rows.shape[0] == 1 else rows
+
+
+def _export(
+    job: JobRow, result: Any, names: list[str], loaded: _Model, data: _Data, storage: Storage, work_dir: Path, reporter
+) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
+    """One artifact per requested format; returns ``(report entries, (name, stored) pairs)``."""
+    from mono_quant.export import ARTIFACT_NAMES
+
+    entries, stored_files = [], []
+    export_dir = work_dir / "exports"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    sample = _validation_sample(data, result.original)
+    if isinstance(sample, dict):
+        # Tracing wants a small example of 2 rows: a dimension of size 1 is specialized by torch.export.
+        device = next(result.model.parameters()).device
+        sample = {name: _two_rows(tensor).to(device) for name, tensor in sample.items()}
+    for index, name in enumerate(names):
+        reporter("export", index / len(names))
+        started = time.perf_counter()
+        artifact = ARTIFACT_NAMES[name]
+        target = export_dir / (name if artifact.endswith(".zip") else artifact)
+        written = Path(
+            result.save(
+                target,
+                format=name,
+                tokenizer=loaded.tokenizer,
+                sample_inputs=sample if name == "onnx" else None,
+            )
+        )
+        if written.is_dir():
+            written = _zip_folder(written, export_dir / artifact)
+        stored = storage.import_file(written, storage.artifact_path(job.id, artifact))
+        stored_files.append((artifact, stored))
+        entries.append(
+            {
+                "format": name,
+                "artifact": artifact,
+                "size": stored.size,
+                "sha256": stored.sha256,
+                "export_s": time.perf_counter() - started,
+            }
+        )
+        reporter.check_cancel()
+    reporter("export", 1.0)
+    return entries, stored_files
 
 
 def _execute(
-    job: JobRow, store: JobStore, storage: Storage, reporter: _Reporter, device: str = "cpu"
+    job: JobRow, store: JobStore, storage: Storage, reporter: _Reporter, settings: Settings, device: str = "cpu"
 ) -> tuple[dict, list[ArtifactRow]]:
-    """Load, quantize, validate, save. Returns ``(metrics, artifacts)``."""
+    """Load, quantize, validate, evaluate, save, export. Returns ``(metrics, artifacts)``."""
     import mono_quant
 
     timings: dict[str, float] = {}
@@ -138,23 +291,25 @@ def _execute(
 
     started = time.perf_counter()
     reporter("load", 0.0)
-    model, trusted = _load_model(job, store, storage, work_dir)
-    calibration = _load_calibration(job, storage)
+    loaded = _load_model(job, store, storage, work_dir, settings)
+    data = _load_data(job, params, store, storage, loaded, settings)
     reporter("load", 1.0)
     timings["load_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    options = params.options(has_calibration=calibration is not None)
+    options = params.options(has_calibration=data.calibration is not None)
     kwargs = {**options.given(), "progress_callback": reporter}
     if options.is_static:
         kwargs["calibration_batch_size"] = _CALIBRATION_BATCH
-    if trusted:
+    if loaded.trusted:
         kwargs["trusted"] = True
+    model = loaded.model
     if isinstance(model, str):
         kwargs["device"] = device  # weights files are moved tensor by tensor
     else:
         model = model.to(device)  # a model this worker built itself
-    result = mono_quant.quantize(model, calibration_data=calibration if options.is_static else None, **kwargs)
+    calibration = data.calibration if options.uses_calibration() else None
+    result = mono_quant.quantize(model, calibration_data=calibration, **kwargs)
     timings["quantize_s"] = time.perf_counter() - started
     if not result.success:
         raise QuantizationError(
@@ -167,9 +322,23 @@ def _execute(
     if params.validate_output:
         started = time.perf_counter()
         reporter("validate", 0.0)
-        validation = result.validate(sample_inputs=_validation_sample(calibration), on_failure="ignore").to_dict()
+        sample = _validation_sample(data, model)
+        if isinstance(sample, dict) and not isinstance(model, str):
+            sample = {name: tensor.to(device) for name, tensor in sample.items()}
+        validation = result.validate(sample_inputs=sample, on_failure="ignore").to_dict()
         reporter("validate", 1.0)
         timings["validate_s"] = time.perf_counter() - started
+
+    accuracy: dict[str, Any] = {}
+    if data.eval_windows is not None and not isinstance(model, str):
+        from app.jobs.evaluation import measure_accuracy
+
+        started = time.perf_counter()
+        reporter("evaluate", 0.0)
+        accuracy = measure_accuracy(result.original, result.model, data.eval_windows)
+        reporter("evaluate", 1.0)
+        timings["evaluate_s"] = time.perf_counter() - started
+        reporter.check_cancel()
 
     reporter("save", 0.0)
     started = time.perf_counter()
@@ -178,35 +347,54 @@ def _execute(
     saved = result.save(work_dir / "model.safetensors")
     model_file = storage.import_file(saved, storage.artifact_path(job.id, "model.safetensors"))
     timings["save_s"] = time.perf_counter() - started
+    reporter("save", 1.0)
+
+    exports: list[dict[str, Any]] = []
+    stored_exports: list[tuple[str, Any]] = []
+    if params.export_formats:
+        started = time.perf_counter()
+        exports, stored_exports = _export(job, result, params.export_formats, loaded, data, storage, work_dir, reporter)
+        timings["export_s"] = time.perf_counter() - started
+
     info = result.info.to_dict()
     report = {
         "job_id": job.id,
         "params": params.model_dump(mode="json", by_alias=True),
         "info": info,
         "validation": validation,
+        "calibration": data.calibration_report,
+        "accuracy": {**(data.eval_report or {}), **accuracy} if data.eval_report else None,
+        "library_metrics": info.get("metrics") or {},
+        "exports": exports,
         "warnings": result.warnings,
         "timings": timings,
         "mono_quant_version": mono_quant.__version__,
         "model_sha256": model_file.sha256,
     }
     report_file = storage.write_bytes(
-        storage.artifact_path(job.id, "report.json"), json.dumps(report, indent=2, default=str).encode()
+        storage.artifact_path(job.id, "report.json"),
+        json.dumps(_json_safe(report), indent=2, default=str).encode(),
     )
-    reporter("save", 1.0)
+    smoothing = (info.get("metrics") or {}).get("smoothing")
     metrics = {
         "bits": info.get("bits"),
         "mode": info.get("mode"),
+        "method": options.effective_method,
         "selected_layers": len(info.get("selected_layers") or []),
         "skipped_layers": len(info.get("skipped_layers") or []),
         "original_size_bytes": info.get("original_size_bytes"),
         "quantized_size_bytes": info.get("quantized_size_bytes"),
         "compression_ratio": info.get("compression_ratio"),
+        **({"smoothing_alpha": smoothing["alpha"]} if isinstance(smoothing, dict) else {}),
         **({"validation_passed": validation.get("passed")} if validation else {}),
         **(
             {key: validation.get(key) for key in ("mean_weight_sqnr_db", "output_sqnr_db", "output_cosine")}
             if validation
             else {}
         ),
+        **accuracy,
+        **({"calibration_samples": data.calibration_report["samples"]} if data.calibration_report else {}),
+        **({"eval_windows": data.eval_report["windows"]} if data.eval_report else {}),
         **timings,
     }
     artifacts = [
@@ -217,7 +405,7 @@ def _execute(
             sha256=stored.sha256,
             media_type=ARTIFACT_MEDIA_TYPES[name],
         )
-        for name, stored in (("model.safetensors", model_file), ("report.json", report_file))
+        for name, stored in (("model.safetensors", model_file), ("report.json", report_file), *stored_exports)
     ]
     return _json_safe(metrics), artifacts
 
@@ -228,6 +416,8 @@ def _json_safe(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
     return value
 
 
@@ -258,7 +448,7 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         return None
     reporter = _Reporter(store, job_id, attempt)
     try:
-        metrics, artifacts = _execute(job, store, storage, reporter, _device(settings))
+        metrics, artifacts = _execute(job, store, storage, reporter, settings, _device(settings))
         store.finish(job_id, "succeeded", attempt=attempt, metrics=metrics, artifacts=artifacts)
     except JobCancelled:
         store.finish(job_id, "cancelled", attempt=attempt)

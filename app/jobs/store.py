@@ -96,6 +96,7 @@ class JobRow(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     model_blob_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("blobs.id"), nullable=True)
     dataset_blob_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("blobs.id"), nullable=True)
+    eval_blob_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("blobs.id"), nullable=True)
     callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     progress_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
@@ -184,6 +185,7 @@ class JobStore:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
             Base.metadata.create_all(connection)
+            _add_missing_columns(connection)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -234,7 +236,10 @@ class JobStore:
     def blob_in_use(self, blob_id: str) -> bool:
         with self.session() as session:
             query = select(JobRow.id).where(
-                JobRow.status.in_(ACTIVE), (JobRow.model_blob_id == blob_id) | (JobRow.dataset_blob_id == blob_id)
+                JobRow.status.in_(ACTIVE),
+                (JobRow.model_blob_id == blob_id)
+                | (JobRow.dataset_blob_id == blob_id)
+                | (JobRow.eval_blob_id == blob_id),
             )
             return session.scalars(query.limit(1)).first() is not None
 
@@ -243,6 +248,7 @@ class JobStore:
             # Finished jobs keep their record; they just no longer point at the upload.
             session.execute(update(JobRow).where(JobRow.model_blob_id == blob_id).values(model_blob_id=None))
             session.execute(update(JobRow).where(JobRow.dataset_blob_id == blob_id).values(dataset_blob_id=None))
+            session.execute(update(JobRow).where(JobRow.eval_blob_id == blob_id).values(eval_blob_id=None))
             blob = session.get(BlobRow, blob_id)
             if blob is not None:
                 session.delete(blob)
@@ -425,7 +431,7 @@ def _named_for_the_user(session: Session, job_id: str, error: dict[str, Any]) ->
     if job is None:
         return error
     names = {}
-    for blob_id in (job.model_blob_id, job.dataset_blob_id):
+    for blob_id in (job.model_blob_id, job.dataset_blob_id, job.eval_blob_id):
         blob = session.get(BlobRow, blob_id) if blob_id else None
         if blob is not None:
             names[uuid.UUID(blob.id).hex] = blob.filename
@@ -437,6 +443,20 @@ def _named_for_the_user(session: Session, job_id: str, error: dict[str, Any]) ->
             for storage_name, filename in names.items():
                 renamed[key] = renamed[key].replace(storage_name, filename)
     return renamed
+
+
+# Columns added after a release: (table, column, DDL type). create_all() creates missing tables
+# only, so a store made by an older version gets these with ALTER TABLE (additive, nullable).
+_ADDED_COLUMNS = (("jobs", "eval_blob_id", "VARCHAR(36)"),)
+
+
+def _add_missing_columns(connection: Any) -> None:
+    from sqlalchemy import inspect
+
+    inspector = inspect(connection)
+    for table, column, ddl_type in _ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl_type}"))
 
 
 def canonical_hash(payload: Any) -> str:

@@ -2,32 +2,39 @@
 
 Runs in a worker thread of the API process (never on the event loop): it validates the
 parameters, checks file formats by their headers, applies Idempotency-Key, then moves the
-files into place and inserts the rows.
+files into place and inserts the rows. Everything a job could only fail on later is refused
+here: options the library refuses, calibration data the mode does not use, text without a
+tokenizer to read it, export formats that cannot represent the mode.
 """
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pydantic
 from fastapi.exceptions import RequestValidationError
 
 from app.context import ServiceContext
 from app.errors import NotFoundError, PayloadMismatchError
-from app.inputs import inspect_upload
+from app.inputs import TEXT_FORMATS, inspect_upload
 from app.jobs.store import BlobRow, IdempotencyRow, IntegrityError, JobRow, canonical_hash
 from app.jobs.webhooks import check_destination
 from app.schemas import QuantizeParams
 from app.uploads import MultipartForm, ReceivedFile
-from mono_quant.errors import InputError
+from mono_quant.core.options import QuantizeOptions
+from mono_quant.errors import ConfigurationError, InputError, UnsupportedFormatError
+from mono_quant.export import get_format
 
 __all__ = ["QUANTIZE_FILE_FIELDS", "UPLOAD_FILE_FIELDS", "Submitted", "submit_job", "submit_upload"]
 
-QUANTIZE_FILE_FIELDS = frozenset({"model", "calibration"})
+QUANTIZE_FILE_FIELDS = frozenset({"model", "calibration", "eval"})
 UPLOAD_FILE_FIELDS = frozenset({"file"})
-_LIST_FIELDS = {"include", "exclude", "layer_types"}
+_LIST_FIELDS = {"include", "exclude", "layer_types", "export_formats"}
 _RUNNABLE_FORMATS = {"hf_zip", "pickle", "torch_zip", "torchscript", "pt2"}
+_TEXT = frozenset(TEXT_FORMATS.values())
 
 
 @dataclass(frozen=True)
@@ -106,33 +113,140 @@ def _replay(ctx: ServiceContext, owner: str, scope: str, key: str | None, reques
     return Submitted(found.resource_id, replayed=True)
 
 
+def _check_calibration_use(options: QuantizeOptions, has_calibration: bool) -> None:
+    if options.is_static and not has_calibration:
+        raise InputError(
+            "static int8 quantization (dynamic=false) needs calibration data",
+            suggestion="Send a calibration file (text: .txt / .jsonl with a model that has a tokenizer, or "
+            "safetensors of input tensors such as input_ids and attention_mask) or a dataset_id, or use "
+            "dynamic=true, which needs no data.",
+        )
+    if options.effective_method == "gptq" and not has_calibration:
+        raise ConfigurationError(
+            "method=gptq needs calibration data: it rounds each weight using its inputs' statistics",
+            suggestion="Send a calibration file (text with a model that has a tokenizer, e.g. a few hundred "
+            "sequences of text like your use case) or a dataset_id, or use method=rtn / method=hqq, which need "
+            "no data.",
+        )
+    if has_calibration and not options.uses_calibration():
+        # The library refuses the same at run time; here it costs no upload and no queued job.
+        raise ConfigurationError(
+            f"calibration data was sent, but {options.mode_name} with method={options.effective_method!r} "
+            "does not use it",
+            suggestion="Calibration data is used by static int8, by method=gptq and by SmoothQuant in int8 with "
+            "activations: add method=gptq for int4 / weight-only int8, send the text as the eval file (accuracy "
+            "only), or drop the calibration file.",
+        )
+
+
+def _check_text_uploads(model_format: str, model_details: dict, formats: dict[str, str | None]) -> None:
+    """Text needs the model's tokenizer; eval data must be text."""
+    eval_format = formats.get("eval")
+    if eval_format is not None and eval_format not in _TEXT:
+        raise UnsupportedFormatError(
+            f"eval data must be text, got a {eval_format} upload",
+            suggestion='Send the eval text as .txt (documents separated by blank lines) or .jsonl ({"text": ...} '
+            "per line).",
+        )
+    text_fields = [field for field, found in formats.items() if found in _TEXT]
+    if text_fields and not (model_format == "hf_zip" and model_details.get("tokenizer")):
+        raise InputError(
+            f"{' and '.join(text_fields)} text needs the model's tokenizer, but the model upload has none",
+            suggestion="Zip the Hugging Face folder with its tokenizer files (tokenizer.save_pretrained(folder): "
+            "tokenizer.json, tokenizer_config.json, vocab files), or send calibration as safetensors of tensors.",
+        )
+
+
+def _accepts_facts(check: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(check).parameters.values())
+
+
+def _layer_facts(options: QuantizeOptions, has_calibration: bool) -> dict[str, Any] | None:
+    """What this run's Linear layers will carry that the options alone do not tell a format's
+    check: SmoothQuant input scales (on layers it cannot fold, e.g. o_proj) and HQQ's float zero
+    points. None when neither applies."""
+    smoothed = options.effective_smoothing(has_calibration) is not None
+    float_zero_point = options.effective_method == "hqq" and not options.symmetric
+    if not (smoothed or float_zero_point):
+        return None
+    return {
+        "kind": "QuantizedLinear",
+        "bits": options.bits,
+        "symmetric": options.symmetric,
+        "activation": options.activation,
+        "group_size": options.group_size,
+        "smoothed_input": smoothed,
+        "float_zero_point": float_zero_point,
+    }
+
+
+def _check_exports(
+    names: list[str], options: QuantizeOptions, has_calibration: bool, model_format: str, model_details: dict
+) -> None:
+    """Each requested format's own check, with the options (and the architecture when known),
+    then with the layers the run will produce, so a job is never queued to fail at export."""
+    layer = _layer_facts(options, has_calibration)
+    for name in names:
+        exporter = get_format(name)  # an unknown name: ConfigurationError listing the formats
+        if model_format != "hf_zip":
+            raise ConfigurationError(
+                f"export_formats={name!r} needs the model's architecture and config, but the upload is a "
+                f"{model_format} file of weights",
+                suggestion="Upload a zip of the Hugging Face model folder (config.json + safetensors weights + "
+                "tokenizer files) to export, or drop export_formats.",
+            )
+        if _accepts_facts(exporter.check) and model_details.get("model_type"):
+            exporter.check(options, architecture=model_details["model_type"])
+        else:
+            exporter.check(options)
+        if layer is not None:
+            mode = "cast" if options.bits == 16 else {"none": "weight_only"}.get(options.activation, options.activation)
+            exporter.check(
+                {
+                    "mode": mode,
+                    "bits": options.bits,
+                    "symmetric": options.symmetric,
+                    "group_size": options.group_size,
+                    "layer_configs": {"(this run's linear layers)": layer},
+                }
+            )
+
+
+def _details(ctx: ServiceContext, received: ReceivedFile | None, blob: BlobRow | None) -> dict:
+    if received is not None:
+        return inspect_upload(received.path, "dataset", ctx.settings, received.filename)
+    return {**(blob.details or {}), "format": blob.format} if blob is not None else {}
+
+
 def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency_key: str | None) -> Submitted:
     """Validate a quantize form and queue the job. Raises the errors the API maps to 4xx."""
     fields = form.scalar_fields(_LIST_FIELDS)
     model_id = str(fields.pop("model_id", "") or "") or None
     dataset_id = str(fields.pop("dataset_id", "") or "") or None
+    eval_id = str(fields.pop("eval_id", "") or "") or None
     params = _parse_params(fields)
     model_file, calibration_file = form.files.get("model"), form.files.get("calibration")
+    eval_file = form.files.get("eval")
     _one_source(model_file, model_id, "model", required=True)
     _one_source(calibration_file, dataset_id, "calibration", required=False)
+    _one_source(eval_file, eval_id, "eval", required=False)
     has_calibration = calibration_file is not None or dataset_id is not None
     options = params.options(has_calibration)  # the library's rules: ConfigurationError is a 422 here
-    if options.is_static and not has_calibration:
-        raise InputError(
-            "static int8 quantization (dynamic=false) needs calibration data",
-            suggestion="Send a calibration file (safetensors of input tensors, e.g. input_ids and attention_mask) "
-            "or a dataset_id, or use dynamic=true, which needs no data.",
-        )
+    _check_calibration_use(options, has_calibration)
+    for name in params.export_formats:
+        get_format(name).check(options)  # before any file is read
     if params.callback_url is not None:
         check_destination(str(params.callback_url), ctx.settings.webhook_allow_private)
     model_blob = _existing_blob(ctx, owner, model_id, "model") if model_id else None
     dataset_blob = _existing_blob(ctx, owner, dataset_id, "dataset") if dataset_id else None
+    eval_blob = _existing_blob(ctx, owner, eval_id, "dataset") if eval_id else None
 
     request_hash = canonical_hash(
         {
             "params": params.model_dump(mode="json", by_alias=True),
             "model": model_file.sha256 if model_file else model_id,
             "calibration": calibration_file.sha256 if calibration_file else dataset_id,
+            "eval": eval_file.sha256 if eval_file else eval_id,
         }
     )
     replayed = _replay(ctx, owner, "quantize", idempotency_key, request_hash)
@@ -144,18 +258,21 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
         if model_file
         else model_blob.details
     )
-    calibration_details = (
-        inspect_upload(calibration_file.path, "dataset", ctx.settings, calibration_file.filename)
-        if calibration_file
-        else {}
-    )
+    calibration_details = _details(ctx, calibration_file, dataset_blob)
+    eval_details = _details(ctx, eval_file, eval_blob)
     model_format = model_details["format"] if model_file else model_blob.format
-    if options.is_static and model_format not in _RUNNABLE_FORMATS:
+    if (options.is_static or has_calibration) and model_format not in _RUNNABLE_FORMATS:
         raise InputError(
-            "static quantization needs a model it can run, but a state_dict / weights file has no forward",
+            "calibration needs a model it can run, but a state_dict / weights file has no forward",
             suggestion="Upload a zip of the Hugging Face model folder (config.json + model.safetensors), "
-            "or use dynamic=true on the weights.",
+            "or use a data-free mode (dynamic=true, bits=4 with method rtn or hqq) on the weights.",
         )
+    _check_text_uploads(
+        model_format,
+        model_details or {},
+        {"calibration": calibration_details.get("format"), "eval": eval_details.get("format")},
+    )
+    _check_exports(params.export_formats, options, has_calibration, model_format, model_details or {})
 
     new_blobs: list[BlobRow] = []
     if model_file is not None:
@@ -164,6 +281,9 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
     if calibration_file is not None:
         dataset_blob = _store_blob(ctx, owner, "dataset", calibration_file, calibration_details)
         new_blobs.append(dataset_blob)
+    if eval_file is not None:
+        eval_blob = _store_blob(ctx, owner, "dataset", eval_file, eval_details)
+        new_blobs.append(eval_blob)
     for blob in new_blobs:
         ctx.store.add_blob(blob)
 
@@ -176,6 +296,7 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
         params=params.model_dump(mode="json", by_alias=True),
         model_blob_id=model_blob.id,
         dataset_blob_id=dataset_blob.id if dataset_blob else None,
+        eval_blob_id=eval_blob.id if eval_blob else None,
         callback_url=str(params.callback_url) if params.callback_url else None,
     )
     idempotency = (

@@ -36,6 +36,7 @@ def job_model(row: JobRow, artifacts: Sequence[ArtifactRow] = ()) -> Job:
         params=row.params,
         model_id=row.model_blob_id,
         dataset_id=row.dataset_blob_id,
+        eval_id=row.eval_blob_id,
         created_at=utc(row.created_at),
         started_at=utc(row.started_at),
         finished_at=utc(row.finished_at),

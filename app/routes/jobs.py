@@ -29,13 +29,18 @@ _QUANTIZE_BODY = multipart_body(
     files={
         "model": "The model: .safetensors or weights-only .pt state_dict, or a zip of a Hugging Face model "
         "folder (config.json + model.safetensors). Or send model_id.",
-        "calibration": "Calibration inputs for static quantization: safetensors of tensors "
-        "(input_ids, attention_mask for Hugging Face models). Or send dataset_id.",
+        "calibration": "Calibration data (static int8, method=gptq, SmoothQuant): text (.txt: documents "
+        'separated by blank lines; .jsonl: {"text": ...} per line) tokenized with the zipped model\'s tokenizer '
+        "and packed into seq_len sequences, or safetensors of input tensors (input_ids, attention_mask). "
+        "Or send dataset_id.",
+        "eval": "Text (.txt / .jsonl) the report measures accuracy on: perplexity for causal LMs, embedding "
+        "cosine for encoders. Default: the last 10% of the calibration text's sequences. Or send eval_id.",
     },
     params=QuantizeParams,
     extra={
         "model_id": {"type": "string", "format": "uuid", "description": "A model uploaded with POST /v1/models."},
         "dataset_id": {"type": "string", "format": "uuid", "description": "Data uploaded with POST /v1/datasets."},
+        "eval_id": {"type": "string", "format": "uuid", "description": "Eval text uploaded with POST /v1/datasets."},
     },
 )
 

@@ -109,5 +109,8 @@ models_router = make_upload_router(
     "model", "models", "A .safetensors or weights-only .pt state_dict, or a zip of a Hugging Face model folder."
 )
 datasets_router = make_upload_router(
-    "dataset", "datasets", "Calibration inputs: safetensors (or weights-only .pt) of tensors, one row per sample."
+    "dataset",
+    "datasets",
+    "Calibration or eval data: text (.txt, .jsonl) or safetensors (or weights-only .pt) of tensors, one row "
+    "per sample.",
 )

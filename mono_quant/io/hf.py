@@ -2,6 +2,9 @@
 
 Built with ``transformers`` (an optional dependency) from the config alone: no remote code,
 no hub access. Weights are loaded with the safe loaders of :mod:`mono_quant.io.handlers`.
+A causal LM (``architectures`` ending in ``ForCausalLM``, or ``is_decoder``) is built with its
+output head (``AutoModelForCausalLM``: logits, tied embeddings), anything else as the base
+model (``AutoModel``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import nn
 from mono_quant.errors import InputError
 from mono_quant.io.handlers import load_state_dict_file
 
-__all__ = ["is_hf_folder", "load_hf_folder", "load_calibration_file"]
+__all__ = ["is_hf_folder", "is_causal_lm_config", "load_hf_folder", "load_hf_tokenizer", "load_calibration_file"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -26,6 +29,14 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def is_causal_lm_config(config) -> bool:
+    """Whether a transformers config describes a causal LM (next-token logits)."""
+    architectures = getattr(config, "architectures", None) or []
+    return any(str(name).endswith("ForCausalLM") for name in architectures) or bool(
+        getattr(config, "is_decoder", False)
+    )
+
+
 def load_hf_folder(path: str | os.PathLike, trusted: bool = False) -> nn.Module:
     """Build the model described by ``config.json`` and load its weights (eval mode).
 
@@ -33,7 +44,7 @@ def load_hf_folder(path: str | os.PathLike, trusted: bool = False) -> nn.Module:
     """
     path = Path(path)
     try:
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError:
         raise InputError(
             "loading a Hugging Face model folder needs the 'transformers' package",
@@ -50,7 +61,8 @@ def load_hf_folder(path: str | os.PathLike, trusted: bool = False) -> nn.Module:
         )
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-        model = AutoModel.from_config(config, trust_remote_code=False)
+        auto_class = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModel
+        model = auto_class.from_config(config, trust_remote_code=False)
     except Exception as exc:
         raise InputError(
             f"cannot build a model from config.json: {type(exc).__name__}: {str(exc)[:300]}",
@@ -83,6 +95,28 @@ def load_hf_folder(path: str | os.PathLike, trusted: bool = False) -> nn.Module:
             suggestion="Upload the weights that belong to this config.json.",
         )
     return model.eval()
+
+
+def load_hf_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a model folder (``tokenizer.json``, vocab files...), or None when
+    the folder has none. Offline, no remote code.
+
+    Example:
+        >>> tokenizer = load_hf_tokenizer("SmolLM2-135M/")  # doctest: +SKIP
+    """
+    path = Path(path)
+    vocabulary = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+    if not any((path / name).is_file() for name in vocabulary):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"cannot load the tokenizer saved with the model: {type(exc).__name__}: {str(exc)[:300]}",
+            suggestion="Save the tokenizer with tokenizer.save_pretrained(folder) next to config.json.",
+        ) from None
 
 
 def load_calibration_file(path: str | os.PathLike) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -145,10 +145,14 @@ def test_reusable_uploads_by_id(service, tiny_model_file, tmp_path):
     save_file({"input": torch.randn(16, 128)}, str(data_path))
     dataset = service.post("/v1/datasets", files={"file": ("calibration.safetensors", data_path.read_bytes())})
     assert dataset.status_code == 201
-    job = service.post(
+    # int4 round-to-nearest uses no calibration data: refused at submission, nothing queued.
+    unused = service.post(
         "/v1/quantize",
         files={"model_id": (None, model.json()["id"]), "dataset_id": (None, dataset.json()["id"]), "bits": (None, "4")},
     )
+    body = assert_problem(unused, 422, "configuration-error")
+    assert "does not use it" in body["detail"] and "method=gptq" in body["suggestion"]
+    job = service.post("/v1/quantize", files={"model_id": (None, model.json()["id"]), "bits": (None, "4")})
     assert job.status_code == 202, job.text
     assert job.json()["model_id"] == model.json()["id"]
     assert wait_for(service, job.json()["id"])["status"] == "succeeded"
