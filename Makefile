@@ -46,9 +46,11 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/accuracy.py
 	$(PY) bench/memory.py
+	$(PY) bench/export_speed.py
+	$(PY) bench/accuracy_algorithms.py
 
 bench-quick: install
-	for script in bench/quantize_speed.py bench/inference.py bench/accuracy.py bench/memory.py; do \
+	for script in bench/quantize_speed.py bench/inference.py bench/accuracy.py bench/memory.py bench/export_speed.py; do \
 		$(PY) $$script --quick || exit 1; done
 
 clean:

@@ -22,6 +22,7 @@ EXPECTED = {
     "inference.py": {"model", "batch", "mode", "median_ms", "x_fp32", "speedup_vs_peer"},
     "accuracy.py": {"cosine_mean", "cosine_min", "weight_sqnr_db_mean"},
     "memory.py": {"file_bytes", "peak_rss_mib", "peak_rss_frac", "peak_anon_frac", "seconds"},
+    "export_speed.py": {"mode", "format", "cold_s", "warm_s", "x_peer", "bytes"},
     "gpu.py": set(),  # CUDA only: elsewhere it prints one "skipped" line
 }
 EXPECTED_CASES = {
