@@ -238,8 +238,10 @@ def test_minilm_corrupted_tensor_is_caught(minilm_exports, tmp_path):
 # -- SmolLM2 --------------------------------------------------------------------------------------------
 SMOLLM2_CASES = {
     "w8a8-dynamic": dict(bits=8, dynamic=True),
-    # 576 features in groups of 128: a partial last group, written as groups of 64
-    "w4a16-asym": dict(bits=4, group_size=128),
+    # group 64 divides every SmolLM2 width. With 128, the 576-wide layers (partial last group)
+    # are written as groups of 64 next to 1536-wide ones in groups of 128, and transformers'
+    # dequantize path (the only one for asymmetric W4A16, see above) then fails to load.
+    "w4a16-asym": dict(bits=4, group_size=64),
 }
 
 

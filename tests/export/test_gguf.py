@@ -104,7 +104,7 @@ def read_tensor(path: Path, name: str) -> tuple[torch.Tensor, str]:
 def expected_from_qparams(layer, permute_heads: int | None = None) -> torch.Tensor:
     """Our weight with the qparams rounded to fp16 as ggml stores them: ``(q - zp) * fp16(s)``
     for Q8_0 / Q4_0, ``q * fp16(s) + fp16(-zp * s)`` for Q4_1."""
-    qt = gguf_export._weight_of(layer)  # float zero points (HQQ) as the layer stores them
+    qt = layer.quantized_weight()  # float zero points (HQQ) as the layer stores them
     cols = qt.qdata.shape[1]
     group = qt.granularity.group_size if qt.scale.dim() == 2 else cols
     scale = qt.scale.float().reshape(qt.scale.shape[0], -1).repeat_interleave(group, dim=1)
@@ -271,7 +271,7 @@ def test_minilm_llamacpp_embeddings_match_ours(minilm_exports, case):
         values, kind = read_tensor(path, gguf_name)
         assert kind == MINILM_CASES[case][1]
         assert torch.equal(values, expected_from_qparams(layer))
-        reference = gguf_export._dequantized(gguf_export._weight_of(layer))
+        reference = gguf_export._dequantized(layer.quantized_weight())
         assert (values - reference).abs().max() <= 2**-10 * reference.abs().max()
     stats = cosine_stats(ours, llamacpp_embeddings(path, ids))
     print(f"minilm {case}: llama.cpp vs mono_quant cosine {stats}")
