@@ -245,7 +245,9 @@ async function showReport(job) {
     ["Layers quantized / kept", `${metrics.selected_layers ?? "-"} / ${metrics.skipped_layers ?? "-"}`],
   ]);
   const passed = metrics.validation_passed ?? validation.passed;
+  const measured = report.accuracy || {};
   fill($("accuracy"), [
+    ...textAccuracy(metrics, measured),
     ["Validation", passed === undefined ? "not run" : passed ? "passed" : "failed"],
     ["Output SQNR", number(metrics.output_sqnr_db ?? validation.output_sqnr_db, 2, "dB")],
     ["Output cosine", number(metrics.output_cosine ?? validation.output_cosine, 4)],
@@ -256,6 +258,27 @@ async function showReport(job) {
   $("artifacts").replaceChildren(...job.artifacts.map((artifact) => artifactItem(job.id, artifact)));
   $("report").dataset.jobId = job.id;
   $("report").hidden = false;
+}
+
+// Figures on text (eval upload or held-out calibration): only the rows the job measured.
+function textAccuracy(metrics, measured) {
+  const rows = [];
+  const before = metrics.perplexity_before ?? measured.perplexity_before;
+  const after = metrics.perplexity_after ?? measured.perplexity_after;
+  if (typeof before === "number" && typeof after === "number") {
+    const change = metrics.perplexity_change_pct ?? measured.perplexity_change_pct;
+    const sign = change >= 0 ? "+" : "";
+    rows.push(["Perplexity before / after", `${number(before, 2)} / ${number(after, 2)} (${sign}${number(change, 1)}%)`]);
+  }
+  const cosine = metrics.embedding_cosine_mean ?? measured.embedding_cosine_mean;
+  if (typeof cosine === "number") {
+    const low = metrics.embedding_cosine_min ?? measured.embedding_cosine_min;
+    rows.push(["Embedding cosine (mean / min)", `${number(cosine, 4)} / ${number(low, 4)}`]);
+  }
+  if (measured.source) {
+    rows.push(["Measured on", `${measured.source}: ${measured.windows} x ${measured.seq_len} tokens`]);
+  }
+  return rows;
 }
 
 function fill(list, rows) {
