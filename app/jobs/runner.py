@@ -105,19 +105,33 @@ class _Model:
     model: Any
     trusted: bool = False
     tokenizer: Any = None
+    warnings: list[str] | None = None
 
 
-def _load_model(job: JobRow, store: JobStore, storage: Storage, work_dir: Path, settings: Settings) -> _Model:
+def _load_model(
+    job: JobRow, store: JobStore, storage: Storage, work_dir: Path, settings: Settings, needs_tokenizer: bool
+) -> _Model:
+    """The job's model; its tokenizer when the job reads text (a failure is then the job's
+    error) or exports (a failure is then a warning: the exporters do without)."""
     blob = store.get_blob(job.model_blob_id, job.owner) if job.model_blob_id else None
     if blob is None:
         raise InputError("the job's model upload was deleted", suggestion="Upload the model again and resubmit.")
     blob_path = storage.blob_path(blob.id)
-    if blob.format == "hf_zip":
-        from mono_quant.io.hf import load_hf_folder, load_hf_tokenizer
+    if blob.format != "hf_zip":
+        return _Model(str(blob_path), trusted=blob.format in TRUSTED_ONLY_FORMATS)
+    from mono_quant.io.hf import load_hf_folder, load_hf_tokenizer
 
-        folder = extract_model_zip(blob_path, work_dir / "model", settings)
-        return _Model(load_hf_folder(folder), tokenizer=load_hf_tokenizer(folder))
-    return _Model(str(blob_path), trusted=blob.format in TRUSTED_ONLY_FORMATS)
+    folder = extract_model_zip(blob_path, work_dir / "model", settings)
+    loaded = _Model(load_hf_folder(folder), warnings=[])
+    params = QuantizeParams.model_validate(job.params)
+    if needs_tokenizer:
+        loaded.tokenizer = load_hf_tokenizer(folder)
+    elif params.export_formats:
+        try:
+            loaded.tokenizer = load_hf_tokenizer(folder)
+        except InputError as exc:
+            loaded.warnings.append(f"exported without a tokenizer: {exc.message}")
+    return loaded
 
 
 def _blob(job: JobRow, store: JobStore, blob_id: str | None, what: str) -> BlobRow | None:
@@ -291,7 +305,10 @@ def _execute(
 
     started = time.perf_counter()
     reporter("load", 0.0)
-    loaded = _load_model(job, store, storage, work_dir, settings)
+    text_formats = set(TEXT_FORMATS.values())
+    uploads = [store.get_blob(blob_id, job.owner) for blob_id in (job.dataset_blob_id, job.eval_blob_id) if blob_id]
+    uses_text = any(blob is not None and blob.format in text_formats for blob in uploads)
+    loaded = _load_model(job, store, storage, work_dir, settings, needs_tokenizer=uses_text)
     data = _load_data(job, params, store, storage, loaded, settings)
     reporter("load", 1.0)
     timings["load_s"] = time.perf_counter() - started
@@ -366,7 +383,7 @@ def _execute(
         "accuracy": {**(data.eval_report or {}), **accuracy} if data.eval_report else None,
         "library_metrics": info.get("metrics") or {},
         "exports": exports,
-        "warnings": result.warnings,
+        "warnings": [*result.warnings, *(loaded.warnings or [])],
         "timings": timings,
         "mono_quant_version": mono_quant.__version__,
         "model_sha256": model_file.sha256,

@@ -327,3 +327,22 @@ def test_hf_upload_without_text_gets_output_metrics_from_dummy_inputs(service, t
     assert job["metrics"]["output_cosine"] > 0.9 and job["metrics"]["output_sqnr_db"] is not None
     report = service.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
     assert report["accuracy"] is None and report["calibration"] is None
+
+
+def test_a_broken_tokenizer_fails_only_jobs_that_read_text(service, tiny_llama, tmp_path):
+    archive = tmp_path / "broken-tokenizer.zip"
+    with zipfile.ZipFile(tiny_llama) as source, zipfile.ZipFile(archive, "w") as target:
+        for info in source.infolist():
+            broken = info.filename.endswith(("tokenizer.json", "vocab.txt"))
+            target.writestr(info.filename, b"not a tokenizer" if broken else source.read(info))
+    plain = service.post("/v1/quantize", files=upload(archive), data={"bits": "8", "dynamic": "true"})
+    assert wait_for(service, plain.json()["id"], timeout=300)["status"] == "succeeded"
+    with_text = service.post(
+        "/v1/quantize",
+        files={**upload(archive), **_text("eval.txt", _paragraphs(3), "eval")},
+        data={"bits": "8", "dynamic": "true"},
+    )
+    job = wait_for(service, with_text.json()["id"], timeout=300)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "InputError" and "cannot load the tokenizer" in job["error"]["message"]
+    assert "save_pretrained" in job["error"]["suggestion"]
