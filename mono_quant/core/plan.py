@@ -325,8 +325,9 @@ def decide(
             return LayerDecision(**base, reason="output head kept float (lm_head_bits=16)")
         if bits != options.bits:
             note = f"output head quantized to {bits} bits (lm_head_bits; int4 heads cost LLMs accuracy)"
-        if bits == 4:
-            activation = "none"
+        # Its activations stay float: per-token int8 logits inputs cost SmolLM2 2% perplexity
+        # (int8 dynamic 15.05 vs 14.73 with a weight-only head, fp32 14.43), for one layer.
+        activation = "none"
     elif kind in ("conv1d", "conv2d", "lstm", "gru"):
         if bits == 4:
             bits, note = 8, f"int4 is not available for {kind}; stored int8 per channel"

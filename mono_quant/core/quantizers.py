@@ -487,10 +487,12 @@ def _smooth(model, plan, batches, alpha, info):
     norms / value projections where free, else returned as input scales of the Linears."""
     from mono_quant.core.algorithms import apply_smoothing, collect_activation_absmax, smoothing_plan
 
+    # A tied weight (lm_head = embed_tokens) is never smoothed: scaling its columns would scale
+    # the embedding table it shares.
     names = [
         d.name
         for d in plan.layers.values()
-        if d.config is not None and d.kind == "linear" and d.config.activation != "none"
+        if d.config is not None and d.kind == "linear" and d.config.activation != "none" and d.tie is None
     ]
     work = copy.deepcopy(model)
     with torch.inference_mode(False), torch.no_grad():

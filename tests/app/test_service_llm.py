@@ -85,15 +85,7 @@ def test_smollm2_sharded_folder_int4_perplexity_and_gguf(make_service, smollm2_z
     ("params", "limit"),
     [
         ({"bits": "4", "method": "gptq", "group_size": "128"}, 1.5),
-        pytest.param(
-            {"bits": "8", "dynamic": "true"},
-            1.1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="library: SmoothQuant (int8 dynamic with calibration data) takes SmolLM2's perplexity "
-                "from 27 to 3400 on 4x128 eval tokens (plain int8 dynamic: 28.6); the service passes the data",
-            ),
-        ),
+        ({"bits": "8", "dynamic": "true"}, 1.1),  # SmoothQuant from the calibration text
     ],
     ids=["int4-gptq", "int8-dynamic-smoothquant"],
 )
