@@ -36,7 +36,8 @@ from torch import nn
 
 from mono_quant.core.algorithms._groups import dequantize_groups, group_bounds, rtn_quantize_weight
 from mono_quant.core.calibration import run_batch
-from mono_quant.core.schemes import DEFAULT_CLIP_SEARCH_STEPS, PerChannel, PerGroup, QuantizedTensor, QuantSpec
+from mono_quant.core.options import GPTQ_CLIP_SEARCH_STEPS
+from mono_quant.core.schemes import PerChannel, PerGroup, QuantizedTensor, QuantSpec
 from mono_quant.errors import ConfigurationError, InputError, QuantizationError
 
 __all__ = [
@@ -167,7 +168,7 @@ def gptq_quantize_weight(
     *,
     damp: float = 0.01,
     block_size: int = 128,
-    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
+    clip_search_steps: int = GPTQ_CLIP_SEARCH_STEPS,
     min_tokens: int = GPTQ_DEFAULT_MIN_TOKENS,
     name: str | None = None,
 ) -> QuantizedTensor:
@@ -451,7 +452,7 @@ def gptq_quantize_model(
     *,
     damp: float = 0.01,
     block_size: int = 128,
-    clip_search_steps: int = DEFAULT_CLIP_SEARCH_STEPS,
+    clip_search_steps: int = GPTQ_CLIP_SEARCH_STEPS,
     min_tokens: int = GPTQ_DEFAULT_MIN_TOKENS,
 ) -> dict[str, QuantizedTensor]:
     """GPTQ every Linear named in ``layer_specs`` (``name -> (spec, group_size or None)``).
