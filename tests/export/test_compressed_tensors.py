@@ -270,9 +270,9 @@ def _with_token_grid(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
     for name, module in quantized.named_modules():
         parent_name, _, child = name.rpartition(".")
         parent = emulated.get_submodule(parent_name) if parent_name else emulated
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, QuantizedLinear) and module.config.activation == "dynamic":
             setattr(parent, child, _TokenGridLinear(module.dequantized_weight(), module.bias))
-        elif isinstance(module, QuantizedEmbedding):
+        elif isinstance(module, (QuantizedLinear, QuantizedEmbedding)):  # weight-only head: float activations
             getattr(parent, child).weight = nn.Parameter(module.dequantized_weight(), requires_grad=False)
     return emulated.eval()
 
