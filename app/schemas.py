@@ -12,11 +12,12 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, create_model, field_validator
 
-from mono_quant.core.options import OptionSpec, QuantizeOptions, option_specs, split_list
+from mono_quant.core.options import OptionSpec, QuantizeOptions, option_specs, option_type, split_list
 from mono_quant.export import EXPORT_FORMATS
 
 __all__ = [
     "JobStatus",
+    "LIST_OPTIONS",
     "QuantizeParams",
     "Progress",
     "JobError",
@@ -32,17 +33,18 @@ __all__ = [
 ]
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Form fields that take repeated values or one comma-separated value.
+LIST_OPTIONS = tuple(name for name in option_specs(http=True) if option_type(name) is list)
 
 
 def _option_annotation(name: str, default: Any, spec: OptionSpec) -> Any:
     """The form field type of a library option (its choices become an enum in the schema)."""
-    if spec.choices is not None and name != "layer_types" and isinstance(spec.choices[0], str):
-        return Literal[spec.choices] | None  # type: ignore[valid-type]
-    if isinstance(default, bool):
-        return bool | None
-    if isinstance(default, tuple) or name == "layer_types":
+    value_type = option_type(name)
+    if value_type is list:
         return list[str] | None
-    return int | None if name != "device" else str | None
+    if spec.choices is not None and isinstance(spec.choices[0], str):
+        return Literal[spec.choices] | None  # type: ignore[valid-type]
+    return value_type | None
 
 
 class _ServiceParams(BaseModel):
@@ -78,7 +80,7 @@ class _ServiceParams(BaseModel):
         json_schema_extra={"items": {"type": "string", "enum": list(EXPORT_FORMATS)}},
     )
 
-    @field_validator("layer_types", "include", "exclude", mode="before", check_fields=False)
+    @field_validator(*LIST_OPTIONS, mode="before", check_fields=False)
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return split_list(value) if isinstance(value, (str, list)) else value
@@ -121,7 +123,9 @@ QuantizeParams = create_model(
             Field(
                 None,
                 description=spec.help + _HTTP_NOTES.get(name, ""),
-                json_schema_extra={"enum": list(spec.choices)} if spec.choices and name != "layer_types" else None,
+                json_schema_extra={"enum": list(spec.choices)}
+                if spec.choices and option_type(name) is not list
+                else None,
             ),
         )
         for name, (default, spec) in _HTTP_OPTIONS.items()

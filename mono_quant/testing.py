@@ -121,10 +121,9 @@ def tokenize(tokenizer, sentences=SENTENCES) -> dict[str, torch.Tensor]:
 @torch.inference_mode()
 def embed(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings ``[N, hidden]``."""
-    out = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-    pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    from mono_quant.core.evaluation import mean_pooled
+
+    return mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def cosine_stats(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
@@ -220,15 +219,8 @@ def token_windows(tokenizer, text: str, window: int = 512, max_windows: int | No
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Perplexity of a causal LM over ``windows [n, T]`` (each window scored on its own)."""
-    total_nll = 0.0
-    total_tokens = 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += targets.numel()
-    return float(torch.exp(torch.tensor(total_nll / total_tokens)))
+    from mono_quant.core.evaluation import perplexity as batches_perplexity
+
+    return batches_perplexity(
+        model, [windows[start : start + batch_size] for start in range(0, windows.shape[0], batch_size)]
+    )

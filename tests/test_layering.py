@@ -25,6 +25,7 @@ LAYERS = {
     "mono_quant.modules": 2,
     "mono_quant.core.quantizers": 3,
     "mono_quant.core.algorithms": 3,
+    "mono_quant.core.tuning": 3,
     "mono_quant.io": 4,
     "mono_quant.export": 4,
     "mono_quant.api": 5,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from app.inputs import iter_text_documents
+from mono_quant.core.evaluation import is_causal_lm
 from mono_quant.errors import InputError
 
 __all__ = ["HELD_OUT_FRACTION", "TextWindows", "pack_text", "split_held_out", "choose_windows", "measure_accuracy"]
@@ -151,15 +152,6 @@ def choose_windows(windows: TextWindows, count: int, seed: int) -> TextWindows:
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(windows), generator=generator)[:count].sort().values
     return windows.rows(chosen)
-
-
-def is_causal_lm(model: Any) -> bool:
-    """A model built with a language-model head (``...ForCausalLM``): next-token logits."""
-    from mono_quant.io.hf import is_causal_lm_config
-
-    return type(model).__name__.endswith("ForCausalLM") or (
-        hasattr(model, "config") and is_causal_lm_config(model.config) and hasattr(model, "get_output_embeddings")
-    )
 
 
 def _device_of(model: Any) -> torch.device:

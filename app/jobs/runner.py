@@ -44,6 +44,8 @@ _CANCEL_POLL_S = 0.5
 _PROGRESS_WRITE_S = 0.25
 _CALIBRATION_BATCH = 16
 _VALIDATION_ROWS = 8
+# eval windows per batch of the accuracy target (4 x 512 tokens)
+_EVAL_BATCH = 4
 
 
 class JobCancelled(Exception):
@@ -220,6 +222,10 @@ def _load_data(
     return data
 
 
+def _eval_batches(windows: TextWindows) -> list[dict[str, Any]]:
+    return [windows.rows(slice(start, start + _EVAL_BATCH)).batch() for start in range(0, len(windows), _EVAL_BATCH)]
+
+
 def _validation_sample(data: _Data, model: Any) -> Any:
     """Inputs the output metrics are measured on: eval text, else tensor calibration rows (as
     uploaded), else a transformers model's own ``dummy_inputs``."""
@@ -326,6 +332,10 @@ def _execute(
     else:
         model = model.to(device)  # a model this worker built itself
     calibration = data.calibration if options.uses_calibration() else None
+    if options.max_accuracy_loss is not None and data.eval_windows is not None:
+        # the accuracy target is measured on the job's eval text (its upload, or the held-out
+        # part of the calibration text): the same windows the report's accuracy comes from
+        kwargs["eval_data"] = _eval_batches(data.eval_windows)
     result = mono_quant.quantize(model, calibration_data=calibration, **kwargs)
     timings["quantize_s"] = time.perf_counter() - started
     if not result.success:
@@ -393,6 +403,7 @@ def _execute(
         json.dumps(_json_safe(report), indent=2, default=str).encode(),
     )
     smoothing = (info.get("metrics") or {}).get("smoothing")
+    target = (info.get("metrics") or {}).get("accuracy_target")
     metrics = {
         "bits": info.get("bits"),
         "mode": info.get("mode"),
@@ -403,6 +414,16 @@ def _execute(
         "quantized_size_bytes": info.get("quantized_size_bytes"),
         "compression_ratio": info.get("compression_ratio"),
         **({"smoothing_alpha": smoothing["alpha"]} if isinstance(smoothing, dict) else {}),
+        **(
+            {
+                "accuracy_target_met": target["met"],
+                "accuracy_target_loss": target["loss"],
+                "accuracy_target_trials": len(target["trials"]),
+                "layers_moved": target["moved_layers"],
+            }
+            if isinstance(target, dict)
+            else {}
+        ),
         **({"validation_passed": validation.get("passed")} if validation else {}),
         **(
             {key: validation.get(key) for key in ("mean_weight_sqnr_db", "output_sqnr_db", "output_cosine")}

@@ -22,7 +22,7 @@ from app.errors import NotFoundError, PayloadMismatchError
 from app.inputs import TEXT_FORMATS, inspect_upload
 from app.jobs.store import BlobRow, IdempotencyRow, IntegrityError, JobRow, canonical_hash
 from app.jobs.webhooks import check_destination
-from app.schemas import QuantizeParams
+from app.schemas import LIST_OPTIONS, QuantizeParams
 from app.uploads import MultipartForm, ReceivedFile
 from mono_quant.core.options import QuantizeOptions
 from mono_quant.errors import ConfigurationError, InputError, UnsupportedFormatError
@@ -32,7 +32,7 @@ __all__ = ["QUANTIZE_FILE_FIELDS", "UPLOAD_FILE_FIELDS", "Submitted", "submit_jo
 
 QUANTIZE_FILE_FIELDS = frozenset({"model", "calibration", "eval"})
 UPLOAD_FILE_FIELDS = frozenset({"file"})
-_LIST_FIELDS = {"include", "exclude", "layer_types", "export_formats"}
+_LIST_FIELDS = {*LIST_OPTIONS, "export_formats"}
 _RUNNABLE_FORMATS = {"hf_zip", "pickle", "torch_zip", "torchscript", "pt2"}
 _TEXT = frozenset(TEXT_FORMATS.values())
 
@@ -111,32 +111,6 @@ def _replay(ctx: ServiceContext, owner: str, scope: str, key: str | None, reques
             suggestion="Use a new Idempotency-Key for a different request, or resend the original one unchanged.",
         )
     return Submitted(found.resource_id, replayed=True)
-
-
-def _check_calibration_use(options: QuantizeOptions, has_calibration: bool) -> None:
-    if options.is_static and not has_calibration:
-        raise InputError(
-            "static int8 quantization (dynamic=false) needs calibration data",
-            suggestion="Send a calibration file (text: .txt / .jsonl with a model that has a tokenizer, or "
-            "safetensors of input tensors such as input_ids and attention_mask) or a dataset_id, or use "
-            "dynamic=true, which needs no data.",
-        )
-    if options.effective_method == "gptq" and not has_calibration:
-        raise ConfigurationError(
-            "method=gptq needs calibration data: it rounds each weight using its inputs' statistics",
-            suggestion="Send a calibration file (text with a model that has a tokenizer, e.g. a few hundred "
-            "sequences of text like your use case) or a dataset_id, or use method=rtn / method=hqq, which need "
-            "no data.",
-        )
-    if has_calibration and not options.uses_calibration():
-        # The library refuses the same at run time; here it costs no upload and no queued job.
-        raise ConfigurationError(
-            f"calibration data was sent, but {options.mode_name} with method={options.effective_method!r} "
-            "does not use it",
-            suggestion="Calibration data is used by static int8, by method=gptq and by SmoothQuant in int8 with "
-            "activations: add method=gptq for int4 / weight-only int8, send the text as the eval file (accuracy "
-            "only), or drop the calibration file.",
-        )
 
 
 def _check_text_uploads(model_format: str, model_details: dict, formats: dict[str, str | None]) -> None:
@@ -232,7 +206,8 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
     _one_source(eval_file, eval_id, "eval", required=False)
     has_calibration = calibration_file is not None or dataset_id is not None
     options = params.options(has_calibration)  # the library's rules: ConfigurationError is a 422 here
-    _check_calibration_use(options, has_calibration)
+    # the library's rules on data, before any file is read or a job queued
+    options.check_data(has_calibration, has_eval=eval_file is not None or eval_id is not None)
     for name in params.export_formats:
         get_format(name).check(options)  # before any file is read
     if params.callback_url is not None:

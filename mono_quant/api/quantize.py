@@ -48,9 +48,18 @@ def quantize(
             asymmetric for int4.
         calibration_data: a tensor, a list of batches, or a DataLoader: static int8's activation
             ranges, GPTQ's Hessians (``method="gptq"``), SmoothQuant's scales (int8 with
-            activations). Refused by modes that would not use it.
+            activations), the accuracy target's layer ranking and, without ``eval_data``, its
+            held-out eval part. Refused by modes that would not use it.
         show_progress: draw tqdm bars over layers and calibration batches.
-        **kwargs: advanced options, see ``QUANTIZE_OPTIONS`` (unknown names are an error).
+        **kwargs: advanced options, see ``QUANTIZE_OPTIONS`` (unknown names are an error), and
+            ``eval_data`` (batches like ``calibration_data``): what ``max_accuracy_loss`` is
+            measured on.
+
+    ``max_accuracy_loss=0.01`` quantizes to an accuracy target: the most sensitive layers
+    move up one precision at a time (int4 g128 -> g32 -> int8 -> float) until the relative
+    loss on ``eval_data`` (perplexity for causal LMs, output cosine otherwise) is at most 1%;
+    ``result.info.layer_overrides`` says which layers moved and ``info.metrics
+    ["accuracy_target"]`` lists every trial. See ``mono_quant.core.tuning``.
 
     bits=4 and bits=16 never need data: int4 is weight-only (groups of ``group_size``
     input features share a scale chosen by an MSE clipping search), and 16 bits is a cast.
@@ -66,26 +75,15 @@ def quantize(
         >>> bool(result), result.info.selected_layers
         (True, ['0'])
     """
+    eval_data = kwargs.pop("eval_data", None)
     options = QuantizeOptions.from_kwargs(bits=bits, dynamic=dynamic, scheme=scheme, **kwargs)
-    if calibration_data is not None and not options.uses_calibration():
+    if eval_data is not None and options.max_accuracy_loss is None:
         raise ConfigurationError(
-            f"calibration_data was given, but {options.mode_name} with method={options.effective_method!r} "
-            "does not use it",
-            suggestion="Calibration data is used by static int8, by method='gptq' and by SmoothQuant in int8 "
-            "with activations: pass method='gptq' for int4 / weight-only int8, or drop calibration_data.",
+            "eval_data was given without max_accuracy_loss, which is what uses it",
+            suggestion="Pass max_accuracy_loss (e.g. 0.01) to quantize to an accuracy target measured on "
+            "eval_data, or drop eval_data (result.validate() measures a result on inputs of your choice).",
         )
-    if options.effective_method == "gptq" and calibration_data is None:
-        raise ConfigurationError(
-            "method='gptq' needs calibration_data: it rounds each weight using its inputs' statistics",
-            suggestion="Pass calibration_data (e.g. 16 batches of 512 tokens of text like your use case), "
-            "or use method='rtn' / method='hqq', which need no data.",
-        )
-    if options.is_static and calibration_data is None:
-        raise InputError(
-            "static int8 quantization (dynamic=False) needs calibration_data",
-            suggestion="Pass calibration_data (a tensor, a list of batches or a DataLoader), "
-            "or use dynamic=True / weight_only=True, which need no data.",
-        )
+    options.check_data(calibration_data is not None, eval_data is not None)
     device = _resolve_device(options.device)
     source = prepare_model(model, trusted=options.trusted)
     if isinstance(source, nn.Module) and device is not None and source is not model:
@@ -105,6 +103,11 @@ def quantize(
                 suggestion="Pass the nn.Module itself for static quantization, or use dynamic=True "
                 "(or weight_only=True) on the weights.",
             )
+        if options.max_accuracy_loss is not None:
+            raise InputError(
+                "max_accuracy_loss measures the model on data, but a state_dict / weights file has no forward",
+                suggestion="Pass the nn.Module itself, or give the layers their precisions with layer_overrides.",
+            )
         if options.effective_method == "gptq" or calibration_data is not None:
             raise InputError(
                 "calibration needs a model it can run, but a state_dict / weights file has no forward",
@@ -113,7 +116,9 @@ def quantize(
             )
         return _quantize_state_dict(source, options, show_progress, device)
     try:
-        quantized, info = quantize_planned(source, options, calibration_data, show_progress=show_progress)
+        quantized, info = quantize_planned(
+            source, options, calibration_data, show_progress=show_progress, eval_data=eval_data
+        )
     except (ConfigurationError, InputError):
         raise
     except (MonoQuantError, RuntimeError, ValueError, TypeError) as exc:

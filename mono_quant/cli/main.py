@@ -70,7 +70,14 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option(
     "--calibration",
     type=click.Path(exists=True, path_type=Path),
-    help="Safetensors/.pt file of input tensors for static int8.",
+    help="Safetensors/.pt file of input tensors: static int8's ranges, GPTQ, SmoothQuant, the accuracy target.",
+)
+@click.option(
+    "--eval",
+    "eval_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="Safetensors/.pt file of input tensors --max-accuracy-loss is measured on "
+    "(default: a held-out part of --calibration).",
 )
 @click.option("--bf16", is_flag=True, help="Same as --dtype bf16 (with --bits 16).")
 @click.option(
@@ -83,7 +90,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="Tokenizer folder for --format.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output file (or folder).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def quantize(model_path, calibration, bf16, export_format, tokenizer, output, progress, **flags):
+def quantize(model_path, calibration, eval_file, bf16, export_format, tokenizer, output, progress, **flags):
     """Quantize a weights file (.safetensors / .pt) or a Hugging Face model folder."""
     from mono_quant import quantize as run_quantize
     from mono_quant.io.formats import quantize_file
@@ -93,21 +100,17 @@ def quantize(model_path, calibration, bf16, export_format, tokenizer, output, pr
     if bf16:
         given["dtype"] = "bf16"
     options = options_for(given, has_calibration=calibration is not None)
-    if options.is_static and calibration is None:
-        raise InputError(
-            "--static needs --calibration FILE",
-            suggestion="Pass --calibration calib.safetensors, or use --dynamic / --weight-only.",
-        )
-    if calibration is not None and not options.is_static:
+    if eval_file is not None and options.max_accuracy_loss is None:
         raise ConfigurationError(
-            f"--calibration is used by static int8, not by {options.mode_name}",
-            suggestion="Drop --calibration, or use --bits 8 --static.",
+            "--eval is what --max-accuracy-loss is measured on, and no --max-accuracy-loss was given",
+            suggestion="Add --max-accuracy-loss 0.01 (1%), or drop --eval.",
         )
+    options.check_data(calibration is not None, has_eval=eval_file is not None)  # --calibration / --eval
     kwargs = options.given()
     bits, scheme, dynamic = kwargs.pop("bits", 8), kwargs.pop("scheme", None), kwargs.pop("dynamic", False)
     if is_hf_folder(model_path):
         model = load_hf_folder(model_path)
-    elif model_path.suffix == ".safetensors" and not options.is_static and export_format is None:
+    elif model_path.suffix == ".safetensors" and calibration is None and eval_file is None and export_format is None:
         # Files stream tensor by tensor: memory stays flat whatever the model size.
         out = quantize_file(
             model_path, output, bits=bits, scheme=scheme, dynamic=dynamic, show_progress=progress, **kwargs
@@ -117,6 +120,8 @@ def quantize(model_path, calibration, bf16, export_format, tokenizer, output, pr
     else:
         model = str(model_path)
     data = load_calibration_file(calibration) if calibration else None
+    if eval_file is not None:
+        kwargs["eval_data"] = load_calibration_file(eval_file)
     result = run_quantize(
         model, bits=bits, dynamic=dynamic, scheme=scheme, calibration_data=data, show_progress=progress, **kwargs
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from mono_quant.core.options import QuantizeOptions, option_specs, split_list
+from mono_quant.core.options import QuantizeOptions, option_specs, option_type, split_list
 
 __all__ = ["quantize_options", "collect_options", "CLI_OPTIONS"]
 
@@ -23,15 +23,18 @@ _FLAGS: dict[str, tuple[str, ...]] = {
     "dynamic": ("--dynamic/--static",),
     "per_channel": ("--per-channel/--per-tensor",),
     "observer_type": ("--observer-type", "--observer"),
+    "layer_overrides": ("--layer-override", "--layer-overrides"),
 }
-_MULTIPLE = ("layer_types", "include", "exclude")
+# list options: repeated flags or comma-separated values
+_MULTIPLE = tuple(name for name in CLI_OPTIONS if option_type(name) is list)
 
 
 def _click_option(name: str, default: Any, spec) -> Callable:
     flags = _FLAGS.get(name, ("--" + name.replace("_", "-"),))
     help_text = spec.help + "."
     if name in _MULTIPLE:
-        return click.option(*flags, name, multiple=True, help=help_text + " Repeat or comma-separate.")
+        example = " (PATTERN=PRECISION)" if name == "layer_overrides" else ""
+        return click.option(*flags, name, multiple=True, help=help_text + f"{example}. Repeat or comma-separate.")
     if isinstance(default, bool) or "/" in flags[0]:
         if "/" in flags[0]:
             return click.option(*flags, name, default=None, help=help_text)
@@ -39,8 +42,7 @@ def _click_option(name: str, default: Any, spec) -> Callable:
     if spec.choices is not None:
         choice = click.Choice([str(c) for c in spec.choices])
         return click.option(*flags, name, type=choice, default=None, help=help_text)
-    value_type = str if name == "device" else int
-    return click.option(*flags, name, type=value_type, default=None, help=help_text)
+    return click.option(*flags, name, type=option_type(name), default=None, help=help_text)
 
 
 def quantize_options(command: Callable) -> Callable:

@@ -44,6 +44,10 @@ __all__ = [
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_CLIP_SEARCH_STEPS",
     "compile_pattern",
+    "Precision",
+    "parse_precision",
+    "option_type",
+    "DEFAULT_MAX_TRIALS",
 ]
 
 VALID_BITS = (4, 8, 16)
@@ -68,11 +72,17 @@ DEFAULT_SMOOTHING_ALPHA = 0.5
 # GPTQ chooses each group's qparams on the updated weights with the clip search: better than
 # min/max there on both MiniLM and SmolLM2 (unlike round-to-nearest), so it has its own default.
 GPTQ_CLIP_SEARCH_STEPS = 8
+# Trials of the max_accuracy_loss search when max_trials is not given: enough for a doubling
+# search over the ranked moves of a 200-layer LLM followed by a few bisection steps.
+DEFAULT_MAX_TRIALS = 12
+# where each surface takes calibration data (the data rules' suggestions name all three)
+_DATA_WHERE = "calibration_data= in Python, --calibration FILE in the CLI, a calibration file or dataset_id over HTTP"
 # defaults of the counting options left at None
 _COUNT_DEFAULTS = {
     "num_calibration_samples": 128,
     "calibration_batch_size": 32,
     "clip_search_steps": DEFAULT_CLIP_SEARCH_STEPS,
+    "max_trials": DEFAULT_MAX_TRIALS,
 }
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding", "lstm", "gru")
 # bits=16 casts: name -> dtype (the names the CLI and the HTTP API take)
@@ -96,6 +106,9 @@ class OptionSpec:
     # the modes an explicitly given value is used in: a predicate on the options
     applies: Callable[[QuantizeOptions], bool] | None = None
     applies_text: str = ""
+    # the type of one value outside Python (CLI flag, form field): None = from the default
+    # (bool, a tuple -> list of strings, a string choice -> str, else int)
+    value_type: type | None = None
 
 
 def _opt(default: Any, help: str, **spec: Any) -> Any:
@@ -153,6 +166,94 @@ def _patterns(value: Any, what: str) -> tuple[str, ...]:
     return items
 
 
+# -- per-layer precisions (layer_overrides, the accuracy-target search) ----------------------------
+_PRECISION_HELP = (
+    "'int4-g<N>' (int4 weights in groups of N), 'int8' (int8 weights; activations as the run treats them), "
+    "'int8-weight-only', 'fp16', 'bf16' or 'float' (left as it is)"
+)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What one layer becomes when ``layer_overrides`` names it.
+
+    ``bits`` 4 / 8 for integer weights (``group_size`` for int4), ``weight_only`` keeps the
+    activations float in an int8 run, ``cast`` is fp16 / bf16, and ``bits=None`` with no cast
+    leaves the layer float.
+
+    Example:
+        >>> parse_precision("int4-g32")
+        Precision(bits=4, group_size=32, weight_only=False, cast=None)
+    """
+
+    bits: int | None = None
+    group_size: int | None = None
+    weight_only: bool = False
+    cast: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        if self.cast is not None:
+            return "fp16" if self.cast == torch.float16 else "bf16"
+        if self.bits is None:
+            return "float"
+        if self.bits == 4:
+            return f"int4-g{self.group_size}"
+        return "int8-weight-only" if self.weight_only else "int8"
+
+
+def parse_precision(text: Any) -> Precision:
+    """A precision name (see :class:`Precision`) as its typed form; an unknown name is refused."""
+    value = str(text).strip().lower() if isinstance(text, str) else None
+    if value in ("float", "fp32", "none"):
+        return Precision()
+    if value in ("fp16", "float16", "bf16", "bfloat16"):
+        return Precision(cast=FLOAT_DTYPES[value])
+    if value in ("int8", "int8-weight-only"):
+        return Precision(bits=8, weight_only=value.endswith("weight-only"))
+    match = re.fullmatch(r"int4-g(\d+)", value or "")
+    if match and int(match.group(1)) in VALID_GROUP_SIZES:
+        return Precision(bits=4, group_size=int(match.group(1)))
+    raise ConfigurationError(
+        f"unknown precision {text!r} in layer_overrides",
+        suggestion=f"Use {_PRECISION_HELP}; int4 group sizes: {', '.join(map(str, VALID_GROUP_SIZES))}.",
+    )
+
+
+def _overrides(value: Any) -> tuple[tuple[str, str], ...] | None:
+    """``layer_overrides`` as ``((pattern, precision name), ...)`` in the order given: a dict,
+    ``"pattern=precision"`` strings, or pairs. Patterns and precisions are checked here."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, str):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            items = [value]
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            pattern, sep, precision = item.rpartition("=")
+            if not sep or not pattern.strip():
+                raise ConfigurationError(
+                    f"layer_overrides entry {item!r} is not 'pattern=precision'",
+                    suggestion="Write entries like '*.down_proj=int8' or 'lm_head=float'.",
+                )
+            item = (pattern.strip(), precision.strip())
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigurationError(
+                f"layer_overrides entry {item!r} is not a (pattern, precision) pair",
+                suggestion="Pass a dict like {'*.down_proj': 'int8', 'lm_head': 'float'}.",
+            )
+        compile_pattern(item[0])
+        pairs.append((item[0], parse_precision(item[1]).name))
+    return tuple(pairs) or None
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """Every option of a quantization run. Frozen and self-checking.
@@ -191,6 +292,7 @@ class QuantizeOptions:
     per_channel: bool | None = _opt(
         None,
         "int8 weights per output channel (default True) or one scale per tensor (False)",
+        value_type=bool,
         applies=lambda o: o.bits == 8,
         applies_text="bits=8",
     )
@@ -222,7 +324,10 @@ class QuantizeOptions:
         applies_text="static int8",
     )
     layer_types: tuple[str, ...] | None = _opt(
-        None, f"layer kinds to quantize (default all): {', '.join(LAYER_KINDS)}", choices=LAYER_KINDS
+        None,
+        f"layer kinds to quantize (default all): {', '.join(LAYER_KINDS)}",
+        choices=LAYER_KINDS,
+        value_type=list,
     )
     include: tuple[str, ...] = _opt((), "only layers whose name matches one of these globs (or 're:' regexes)")
     exclude: tuple[str, ...] = _opt((), "keep layers whose name matches one of these globs (or 're:' regexes) float")
@@ -261,13 +366,45 @@ class QuantizeOptions:
         "int8 with activations and calibration_data: SmoothQuant alpha moving activation outliers into "
         f"the weights (dynamic int8: {DEFAULT_SMOOTHING_ALPHA} when calibration_data is given; static: off "
         "unless set; 0 turns it off)",
+        value_type=float,
         applies=lambda o: o.bits == 8 and not o.weight_only,
         applies_text="int8 dynamic or static (not weight_only)",
+    )
+    layer_overrides: tuple[tuple[str, str], ...] | None = _opt(
+        None,
+        "per-layer precision, first matching pattern wins: {pattern: precision} or 'pattern=precision' "
+        f"entries, precisions {_PRECISION_HELP} (what result.info.layer_overrides records)",
+        value_type=list,
+        applies=_integer,
+        applies_text="bits=4 or bits=8",
+    )
+    max_accuracy_loss: float | None = _opt(
+        None,
+        "accuracy target: the largest relative loss accepted on eval_data (perplexity increase for causal "
+        "LMs, 1 - output cosine otherwise; 0.01 = 1%); the most sensitive layers move up one precision at "
+        "a time until it holds",
+        value_type=float,
+        applies=_integer,
+        applies_text="bits=4 or bits=8",
+    )
+    max_trials: int | None = _opt(
+        None,
+        f"max_accuracy_loss: trials (quantize + evaluate) at most (default {DEFAULT_MAX_TRIALS})",
+        applies=lambda o: o.max_accuracy_loss is not None,
+        applies_text="max_accuracy_loss",
+    )
+    max_tuning_seconds: float | None = _opt(
+        None,
+        "max_accuracy_loss: no new trial starts after this many seconds (default: no limit)",
+        value_type=float,
+        applies=lambda o: o.max_accuracy_loss is not None,
+        applies_text="max_accuracy_loss",
     )
     device: str | None = _opt(
         None,
         "state_dict / file inputs: quantize on this device ('cpu', 'cuda'); a module is quantized where it is",
         http=False,
+        value_type=str,
     )
     trusted: bool = _opt(
         False, "allow pickled modules / TorchScript files as input (they can run code: trusted files only)", http=False
@@ -324,7 +461,25 @@ class QuantizeOptions:
                 suggestion=f"Use group_size=32, 64 or 128 ({DEFAULT_GROUP_SIZE} is the default); layers it does "
                 "not divide get a partial last group.",
             )
-        for name, low in (("num_calibration_samples", 1), ("calibration_batch_size", 1), ("clip_search_steps", 0)):
+        object.__setattr__(self, "layer_overrides", _overrides(self.layer_overrides))
+        for name in ("max_accuracy_loss", "max_tuning_seconds"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            upper = 1 if name == "max_accuracy_loss" else float("inf")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < upper:
+                example = "0.01 (1%)" if name == "max_accuracy_loss" else "600"
+                raise ConfigurationError(
+                    f"{name} must be a number {'in (0, 1)' if upper == 1 else '> 0'}, got {value!r}",
+                    suggestion=f"Pass {name}={example}.",
+                )
+            object.__setattr__(self, name, float(value))
+        for name, low in (
+            ("num_calibration_samples", 1),
+            ("calibration_batch_size", 1),
+            ("clip_search_steps", 0),
+            ("max_trials", 1),
+        ):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < low):
                 raise ConfigurationError(
@@ -490,6 +645,10 @@ class QuantizeOptions:
         return GPTQ_CLIP_SEARCH_STEPS if self.effective_method == "gptq" else DEFAULT_CLIP_SEARCH_STEPS
 
     @property
+    def effective_max_trials(self) -> int:
+        return self.max_trials or _COUNT_DEFAULTS["max_trials"]
+
+    @property
     def effective_method(self) -> str:
         return self.method or "rtn"
 
@@ -500,7 +659,42 @@ class QuantizeOptions:
             self.is_static
             or self.effective_method == "gptq"
             or (self.bits == 8 and not self.weight_only and self.smoothing != 0)
+            or self.max_accuracy_loss is not None
         )
+
+    def check_data(self, has_calibration: bool, has_eval: bool = False) -> None:
+        """The rules on data, for ``quantize()``, the CLI and the service alike: calibration
+        data that this run would not use is refused, and modes that need data say so.
+        ``has_eval``: eval data comes with the run (what ``max_accuracy_loss`` is measured on)."""
+        from mono_quant.errors import InputError
+
+        if has_calibration and not self.uses_calibration():
+            raise ConfigurationError(
+                f"calibration data was given, but {self.mode_name} with method={self.effective_method!r} "
+                "does not use it",
+                suggestion="Calibration data is used by static int8, by method=gptq, by SmoothQuant in int8 with "
+                "activations and by max_accuracy_loss: add method=gptq for int4 / weight-only int8, or drop the "
+                "calibration data (over HTTP, text sent as the eval file is measured, not calibrated on).",
+            )
+        if self.effective_method == "gptq" and not has_calibration:
+            raise ConfigurationError(
+                "method='gptq' needs calibration data: it rounds each weight using its inputs' statistics",
+                suggestion="Give calibration data (e.g. 16 sequences of 512 tokens of text like your use case; "
+                f"{_DATA_WHERE}), or use method='rtn' / method='hqq', which need no data.",
+            )
+        if self.is_static and not has_calibration:
+            raise InputError(
+                "static int8 quantization (dynamic=False) needs calibration data",
+                suggestion=f"Give calibration data ({_DATA_WHERE}), or use dynamic=True / weight_only=True, "
+                "which need no data.",
+            )
+        if self.max_accuracy_loss is not None and not (has_calibration or has_eval):
+            raise ConfigurationError(
+                "max_accuracy_loss needs data to measure the loss on",
+                suggestion="Give eval data (inputs like those the model will see: eval_data= in Python, --eval "
+                "FILE in the CLI, an eval file or eval_id over HTTP), or calibration data, a part of which is then "
+                "held out for evaluation.",
+            )
 
     def effective_smoothing(self, has_calibration: bool) -> float | None:
         """SmoothQuant's alpha for this run, or None: with calibration data, int8 with
@@ -545,6 +739,22 @@ def option_specs(*, cli: bool | None = None, http: bool | None = None) -> dict[s
             continue
         out[name] = (getattr(_DEFAULTS, name), spec)
     return out
+
+
+def option_type(name: str) -> type:
+    """The type of one value of option ``name`` outside Python: bool, int, float, str, or list
+    (of strings: repeated CLI flags / form fields, or comma-separated)."""
+    spec = _SPECS[name]
+    if spec.value_type is not None:
+        return spec.value_type
+    default = getattr(_DEFAULTS, name)
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, tuple):
+        return list
+    if spec.choices is not None and isinstance(spec.choices[0], str):
+        return str
+    return int
 
 
 def split_list(values: Iterable[str] | str | None) -> list[str] | None:

@@ -30,13 +30,14 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from mono_quant.core.options import LAYER_KINDS, QuantizeOptions, compile_pattern
+from mono_quant.core.options import LAYER_KINDS, Precision, QuantizeOptions, compile_pattern, parse_precision
 from mono_quant.core.schemes import Granularity, PerChannel, PerGroup, QuantSpec
 from mono_quant.errors import ConfigurationError
 
@@ -54,6 +55,8 @@ __all__ = [
     "module_kind",
     "tensor_kind",
     "LAYER_CLASSES",
+    "compile_overrides",
+    "precision_of",
 ]
 
 ACTIVATION_MODES = ("none", "dynamic", "static")
@@ -126,11 +129,15 @@ class LayerQuantConfig:
         """Groups along the input axis (the last one may be partial)."""
         return math.ceil(in_features / self.group_size) if self.group_size else 1
 
+    def weight_key(self) -> tuple:
+        """What decides the stored weight tensors (not the activation handling)."""
+        keys = ("bits", "symmetric", "group_size", "per_channel", "clip_search_steps", "method", "float_zero_point")
+        return tuple(getattr(self, k) for k in keys)
+
     def same_weight(self, other: LayerQuantConfig) -> bool:
         """Whether two layers with these configs store identical weight tensors (a tie can
         then share one quantized copy; activation handling may differ)."""
-        keys = ("bits", "symmetric", "group_size", "per_channel", "clip_search_steps", "method", "float_zero_point")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
+        return self.weight_key() == other.weight_key()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,6 +210,7 @@ class LayerDecision:
     note: str | None = None
     tie: str | None = None
     candidate: bool = True  # False: its kind is not in layer_types (not reported as skipped)
+    output_head: bool = False  # the model's output head (lm_head policies apply)
 
     @property
     def quantized(self) -> bool:
@@ -285,6 +293,29 @@ def _is_output_head(name: str, kind: str, tied_to_embedding: bool) -> bool:
     return kind == "linear" and (name.split(".")[-1] == "lm_head" or tied_to_embedding)
 
 
+def compile_overrides(options: QuantizeOptions) -> tuple[tuple[re.Pattern, str, Precision], ...]:
+    """``layer_overrides`` compiled once per plan: ``(pattern, its text, precision)``."""
+    return tuple(
+        (compile_pattern(pattern), pattern, parse_precision(precision))
+        for pattern, precision in (options.layer_overrides or ())
+    )
+
+
+def precision_of(decision: LayerDecision, options: QuantizeOptions) -> str:
+    """The precision name (``layer_overrides``' vocabulary) of what ``decision`` makes of its
+    layer: ``int4-g128``, ``int8``, ``int8-weight-only`` (int8 run, float activations), ``fp16``,
+    ``bf16`` or ``float``. ``layer_overrides={name: precision_of(d)}`` reproduces the decision."""
+    if decision.cast is not None:
+        return Precision(cast=decision.cast).name
+    config = decision.config
+    if config is None:
+        return "float"
+    if config.bits == 4:
+        return f"int4-g{config.group_size}"
+    weight_only = config.activation == "none" and options.activation != "none"
+    return Precision(bits=8, weight_only=weight_only).name
+
+
 def decide(
     name: str,
     kind: str,
@@ -295,14 +326,19 @@ def decide(
     output_head: bool = False,
     include: Iterable | None = None,
     exclude: Iterable | None = None,
+    overrides: Iterable | None = None,
 ) -> LayerDecision:
     """The decision for one layer: ``kind`` from :data:`LAYER_CLASSES`, ``shape`` of its weight
     (``[out, in]`` for Linear, ``[num, dim]`` for Embedding, ``[out, in, k...]`` for conv).
 
-    ``include`` / ``exclude`` are the compiled patterns (compiled once per plan)."""
+    ``include`` / ``exclude`` / ``overrides`` are the compiled patterns (compiled once per plan).
+    A ``layer_overrides`` entry matching the layer replaces the run's precision (and the
+    embedding / head policies) for it; what the layer kind cannot take still applies (int8 for
+    convolutions, RNNs and odd widths, float activations for tables and heads)."""
     include = tuple(include if include is not None else (compile_pattern(p) for p in options.include))
     exclude = tuple(exclude if exclude is not None else (compile_pattern(p) for p in options.exclude))
-    base = {"name": name, "kind": kind, "shape": tuple(shape)}
+    overrides = tuple(overrides if overrides is not None else compile_overrides(options))
+    base = {"name": name, "kind": kind, "shape": tuple(shape), "output_head": output_head}
     if options.layer_types is not None and kind not in options.layer_types:
         return LayerDecision(**base, reason=f"layer type {kind!r} not in layer_types", candidate=False)
     if include and not any(p.fullmatch(name) for p in include):
@@ -317,14 +353,28 @@ def decide(
         return LayerDecision(**base, cast=options.float_dtype)
 
     bits, activation, note = options.bits, options.activation, None
+    group_size = options.effective_group_size
+    override = next(((text, precision) for pattern, text, precision in overrides if pattern.fullmatch(name)), None)
+    if override is not None:
+        # no note: info.layer_overrides records what the overrides did
+        text, precision = override
+        if precision.bits is None:
+            if precision.cast is not None:
+                return LayerDecision(**base, cast=precision.cast)
+            return LayerDecision(**base, reason=f"kept float (layer_overrides {text!r})")
+        bits, group_size = precision.bits, precision.group_size or group_size
+        if bits == 4 or precision.weight_only:
+            activation = "none"
     if kind == "embedding":
-        bits, activation = options.effective_embedding_bits, "none"
+        bits = bits if override is not None else options.effective_embedding_bits
+        activation = "none"
     elif output_head:
-        bits = options.effective_lm_head_bits
-        if bits == 16:
-            return LayerDecision(**base, reason="output head kept float (lm_head_bits=16)")
-        if bits != options.bits:
-            note = f"output head quantized to {bits} bits (lm_head_bits; int4 heads cost LLMs accuracy)"
+        if override is None:
+            bits = options.effective_lm_head_bits
+            if bits == 16:
+                return LayerDecision(**base, reason="output head kept float (lm_head_bits=16)")
+            if bits != options.bits:
+                note = f"output head quantized to {bits} bits (lm_head_bits; int4 heads cost LLMs accuracy)"
         # Its activations stay float: per-token int8 logits inputs cost SmolLM2 2% perplexity
         # (int8 dynamic 15.05 vs 14.73 with a weight-only head, fp32 14.43), for one layer.
         activation = "none"
@@ -336,22 +386,24 @@ def decide(
     if bits == 4 and shape[-1] % 2:
         bits, activation = 8, "none"
         note = f"in_features={shape[-1]} is odd and int4 packs two values per byte; stored int8"
-    group_size = options.effective_group_size if bits == 4 else None
     # 8-bit tables and heads in an int4 run are symmetric per row: what Q8_0 (llama.cpp) and
-    # W8A16 (compressed-tensors, vLLM) store, and int8 needs no zero point to be accurate.
+    # W8A16 (compressed-tensors, vLLM) store, and int8 needs no zero point to be accurate. An
+    # int4 layer in an int8 run (an override) takes int4's own default grid, asymmetric.
     symmetric = True if (bits == 8 and options.bits == 4) else options.symmetric
+    if override is not None and bits == 4 and options.bits != 4:
+        symmetric = options.scheme == "symmetric"
     # GPTQ / HQQ round Linear weights; tables, convolutions and RNNs keep round-to-nearest.
     method = options.effective_method if kind == "linear" else "rtn"
     config = LayerQuantConfig(
         bits=bits,
         symmetric=symmetric,
-        group_size=group_size,
+        group_size=group_size if bits == 4 else None,
         activation=activation,
         activation_symmetric=options.activation_symmetric,
         per_channel=options.effective_per_channel or bits == 4,
         clip_search_steps=options.effective_clip_search_steps if bits == 4 or method == "gptq" else 0,
         method=method,
-        float_zero_point=method == "hqq" and not options.symmetric,
+        float_zero_point=method == "hqq" and not symmetric,
     )
     return LayerDecision(**base, config=config, note=note)
 
@@ -367,6 +419,7 @@ def plan_module(model: nn.Module, options: QuantizeOptions) -> QuantizationPlan:
     """The plan for an ``nn.Module``: every layer of a kind we quantize, in model order."""
     include = tuple(compile_pattern(p) for p in options.include)
     exclude = tuple(compile_pattern(p) for p in options.exclude)
+    overrides = compile_overrides(options)
     candidates: list[tuple[str, str, nn.Module]] = []
     users: dict[int, list[str]] = {}
     for name, module in model.named_modules():
@@ -396,6 +449,7 @@ def plan_module(model: nn.Module, options: QuantizeOptions) -> QuantizationPlan:
             output_head=name in output_heads or _is_output_head(name, kind, tied_to_embedding),
             include=include,
             exclude=exclude,
+            overrides=overrides,
         )
         if name in tie_of:
             decision = LayerDecision(**{**decision.__dict__, "tie": tie_of[name]})
@@ -428,6 +482,7 @@ def plan_tensors(
     """
     include = tuple(compile_pattern(p) for p in options.include)
     exclude = tuple(compile_pattern(p) for p in options.exclude)
+    overrides = compile_overrides(options)
     entries = list(entries)
     shared = shared or {}
     layer_of = {name: name[: -len(".weight")] for name, shape, dtype in entries if dtype.is_floating_point}
@@ -457,6 +512,7 @@ def plan_tensors(
             output_head=_is_output_head(layer, kind, tied_to_embedding),
             include=include,
             exclude=exclude,
+            overrides=overrides,
         )
         if layer in tie_of:
             decision = LayerDecision(**{**decision.__dict__, "tie": tie_of[layer]})

@@ -49,6 +49,10 @@ __all__ = [
     "cast_hooks",
     "is_cast_layer",
     "set_submodule",
+    "build_layer",
+    "PreparedRun",
+    "prepare_run",
+    "build_run",
 ]
 
 
@@ -78,6 +82,9 @@ class QuantizationInfo:
     quantized_size_bytes: int | None = None
     duration_s: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # {layer pattern: precision}: the run's own layer_overrides, or what the accuracy-target
+    # search chose (reusable as quantize(..., layer_overrides=...))
+    layer_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def bits(self) -> int | None:
@@ -189,6 +196,45 @@ def weight_tensors_for(weight: torch.Tensor, config: LayerQuantConfig) -> dict[s
     return quantize_weight_tensors(weight, config)
 
 
+def _cache_key(name: str, config: LayerQuantConfig) -> tuple:
+    return (name, *config.weight_key())
+
+
+def build_layer(
+    module: nn.Module,
+    config: LayerQuantConfig,
+    *,
+    input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weight_tensors: dict[str, torch.Tensor] | None = None,
+    input_smoothing: torch.Tensor | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, str | None]:
+    """The quantized form of one float layer: ``(layer, its weight tensors, note)``.
+
+    A static layer without calibrated ``input_qparams`` becomes weight-only (the note says
+    so). A Linear whose weight was smoothed (``input_smoothing``, the SmoothQuant scale the
+    working copy divides its input by) divides its own input, whatever its activation mode.
+    Raises QuantizationError for a module no quantized layer takes."""
+    cls = quantized_class_for(module)
+    if cls is None:
+        raise QuantizationError(f"no quantized layer for {type(module).__name__}")
+    extra: dict[str, Any] = {}
+    note = None
+    if config.activation == "static":
+        if input_qparams is None:
+            note = "saw no calibration data; quantized weight-only"
+            config = dataclasses.replace(config, activation="none")
+        else:
+            extra["input_qparams"] = input_qparams
+    tensors = None
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        tensors = weight_tensors if weight_tensors is not None else weight_tensors_for(module.weight, config)
+        extra["weight_tensors"] = tensors
+    if input_smoothing is not None and isinstance(module, nn.Linear):
+        config = dataclasses.replace(config, smoothed_input=True)
+        extra["input_smoothing"] = input_smoothing
+    return cls.from_float(module, config, **extra), tensors, note
+
+
 def _tensor_users(model: nn.Module) -> dict[int, set[str]]:
     """``id(tensor) -> names of the modules holding it directly`` (a tied weight has several)."""
     users: dict[int, set[str]] = {}
@@ -207,6 +253,7 @@ def quantize_layers(
     input_smoothing: dict[str, torch.Tensor] | None = None,
     progress: Progress | None = None,
     info: QuantizationInfo | None = None,
+    weight_cache: dict | None = None,
 ) -> tuple[nn.Module, QuantizationInfo]:
     """A new model with the layers ``plan`` changes replaced; the shared core of every mode.
 
@@ -214,6 +261,8 @@ def quantize_layers(
     layer without an entry falls back to weight-only with a warning. ``weight_tensors`` maps
     layer names to weights already in the stored layout (chosen by GPTQ / HQQ). A tie group
     whose members get the same weight config is quantized once and its tensors shared.
+    ``weight_cache`` (the accuracy-target search's, across trials) keeps the HQQ / GPTQ tensors
+    of each (layer, weight config), so a trial recomputes only the layers whose config changed.
     """
     started = time.perf_counter()
     progress = progress or Progress()
@@ -238,32 +287,25 @@ def quantize_layers(
                     )
                 info.layer_configs[name] = decision.metadata()
                 continue
-            cls = quantized_class_for(module)
-            if cls is None:
-                raise QuantizationError(f"no quantized layer for {type(module).__name__}")
-            config = decision.config
-            extra: dict[str, Any] = {}
-            if config.activation == "static":
-                qparams = (input_qparams or {}).get(name)
-                if qparams is None:
-                    warnings.append(f"{name}: saw no calibration data; quantized weight-only")
-                    config = dataclasses.replace(config, activation="none")
-                else:
-                    extra["input_qparams"] = qparams
             shared = plan.shared_with(name)
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                tensors = weight_tensors.get(name)
-                if tensors is None and shared in stored:
-                    tensors = stored[shared]
-                if tensors is None:
-                    tensors = weight_tensors_for(module.weight, config)
+            tensors = weight_tensors.get(name)
+            if tensors is None and shared in stored:
+                tensors = stored[shared]
+            if tensors is None and weight_cache is not None:
+                tensors = weight_cache.get(_cache_key(name, decision.config))
+            layer, tensors, note = build_layer(
+                module,
+                decision.config,
+                input_qparams=(input_qparams or {}).get(name),
+                weight_tensors=tensors,
+                input_smoothing=(input_smoothing or {}).get(name),
+            )
+            if note:
+                warnings.append(f"{name}: {note}")
+            if tensors is not None:
                 stored[name] = tensors
-                extra["weight_tensors"] = tensors
-            smoothing = (input_smoothing or {}).get(name)
-            if smoothing is not None and isinstance(module, nn.Linear) and config.activation != "none":
-                config = dataclasses.replace(config, smoothed_input=True)
-                extra["input_smoothing"] = smoothing
-            layer = cls.from_float(module, config, **extra)
+                if weight_cache is not None and decision.config.method != "rtn":
+                    weight_cache[_cache_key(name, decision.config)] = tensors
             if shared in stored:
                 layer.tied_to = shared
             new_layers[name] = layer
@@ -429,12 +471,13 @@ def quantize_planned(
     calibration_data: Any = None,
     *,
     show_progress: bool = False,
+    eval_data: Any = None,
 ) -> tuple[nn.Module, QuantizationInfo]:
     """Plan, (calibrate,) and quantize ``model`` with ``options``: what ``quantize()`` runs
-    for modules. Returns ``(quantized model, QuantizationInfo)``."""
+    for modules. With ``max_accuracy_loss`` the accuracy-target search (``core/tuning``)
+    runs instead, on ``eval_data`` (default: a held-out part of ``calibration_data``).
+    Returns ``(quantized model, QuantizationInfo)``."""
     progress = Progress(show_progress, options.progress_callback)
-    plan = plan_module(model, options)
-    info = QuantizationInfo(dtype=options.quantized_dtype, mode=mode_name(options))
     batches = None
     if calibration_data is not None:
         batches = [
@@ -443,6 +486,33 @@ def quantize_planned(
                 calibration_data, options.effective_calibration_samples, options.effective_calibration_batch_size
             )
         ]
+    if options.max_accuracy_loss is not None:
+        from mono_quant.core.tuning import quantize_to_target
+
+        return quantize_to_target(model, options, batches, eval_data, progress)
+    plan = plan_module(model, options)
+    prepared = prepare_run(model, plan, batches, progress)
+    return build_run(prepared, plan, progress)
+
+
+@dataclass
+class PreparedRun:
+    """What a run computes from its data once, whatever each layer's precision ends up being:
+    the model to quantize from (the caller's, or a smoothed working copy), the calibration
+    batches, SmoothQuant's input scales, static activation qparams, and the info so far."""
+
+    model: nn.Module
+    source: nn.Module
+    batches: list | None
+    input_smoothing: dict[str, torch.Tensor]
+    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    info: QuantizationInfo
+
+
+def prepare_run(model: nn.Module, plan: QuantizationPlan, batches: list | None, progress: Progress) -> PreparedRun:
+    """Smoothing and static calibration for ``plan`` (see :func:`build_run`)."""
+    options = plan.options
+    info = QuantizationInfo(dtype=options.quantized_dtype, mode=mode_name(options))
     source, input_smoothing = model, {}
     alpha = options.effective_smoothing(batches is not None)
     if alpha is not None:
@@ -465,20 +535,37 @@ def quantize_planned(
         input_qparams = {name: obs.calculate_qparams(spec) for name, obs in observers.items() if obs.batches_seen}
         info.observer_type = options.effective_observer
         info.calibration_samples_used = samples
+    return PreparedRun(model, source, batches, input_smoothing, input_qparams, info)
+
+
+def build_run(
+    prepared: PreparedRun, plan: QuantizationPlan, progress: Progress, weight_cache: dict | None = None
+) -> tuple[nn.Module, QuantizationInfo]:
+    """The quantized model of ``plan`` from a prepared run (GPTQ's rounding, then the layers).
+    ``plan`` may differ from the one the run was prepared with in its layers' precisions
+    (the accuracy-target search's trials); each call starts from a copy of the prepared info."""
+    info = dataclasses.replace(
+        prepared.info,
+        warnings=list(prepared.info.warnings),
+        metrics=dict(prepared.info.metrics),
+        layer_configs={},
+        layer_overrides=dict(plan.options.layer_overrides or ()),
+    )
     weight_tensors = None
-    if options.effective_method == "gptq":
-        weight_tensors = _gptq(source, plan, batches, progress, info)
+    if plan.options.effective_method == "gptq":
+        weight_tensors = _gptq(prepared.source, plan, prepared.batches, progress, info, weight_cache)
     quantized, info = quantize_layers(
-        source,
+        prepared.source,
         plan,
-        input_qparams=input_qparams,
+        input_qparams=prepared.input_qparams,
         weight_tensors=weight_tensors,
-        input_smoothing=input_smoothing,
+        input_smoothing=prepared.input_smoothing,
         progress=progress,
         info=info,
+        weight_cache=weight_cache,
     )
-    if source is not model:  # sizes of the caller's model, not of the smoothed working copy
-        info.original_size_bytes = model_size_bytes(model)
+    if prepared.source is not prepared.model:  # sizes of the caller's model, not of the smoothed working copy
+        info.original_size_bytes = model_size_bytes(prepared.model)
     return quantized, info
 
 
@@ -518,13 +605,18 @@ class _DivideInput:
         return (x / self.scale.to(device=x.device, dtype=x.dtype), *args[1:])
 
 
-def _gptq(model, plan, batches, progress, info) -> dict[str, dict[str, torch.Tensor]]:
-    """GPTQ's weights for every Linear the plan gives ``method="gptq"``, in the stored layout."""
+def _gptq(model, plan, batches, progress, info, weight_cache=None) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ's weights for every Linear the plan gives ``method="gptq"``, in the stored layout
+    (those ``weight_cache`` holds for the same config are reused, not recomputed)."""
     from mono_quant.core.algorithms import gptq_quantize_model
 
     configs = {d.name: d.config for d in plan.layers.values() if d.config is not None and d.config.method == "gptq"}
+    cached = {}
+    if weight_cache is not None:
+        cached = {n: weight_cache[_cache_key(n, c)] for n, c in configs.items() if _cache_key(n, c) in weight_cache}
+        configs = {n: c for n, c in configs.items() if n not in cached}
     if not configs:
-        return {}
+        return cached
     specs = {name: (config.weight_spec, config.group_size) for name, config in configs.items()}
     steps = max((c.clip_search_steps for c in configs.values()), default=0)
     with warnings.catch_warnings(record=True) as caught:
@@ -537,7 +629,7 @@ def _gptq(model, plan, batches, progress, info) -> dict[str, dict[str, torch.Ten
             clip_search_steps=steps,
         )
     info.warnings.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
-    return {name: stored_weight_tensors(qt, configs[name]) for name, qt in chosen.items()}
+    return {**cached, **{name: stored_weight_tensors(qt, configs[name]) for name, qt in chosen.items()}}
 
 
 def mode_name(options: QuantizeOptions) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mono_quant.core.evaluation import is_causal_lm_config
 from mono_quant.errors import InputError
 from mono_quant.io.handlers import load_state_dict_file
 
@@ -27,14 +28,6 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 def is_hf_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and (path / "config.json").is_file()
-
-
-def is_causal_lm_config(config) -> bool:
-    """Whether a transformers config describes a causal LM (next-token logits)."""
-    architectures = getattr(config, "architectures", None) or []
-    return any(str(name).endswith("ForCausalLM") for name in architectures) or bool(
-        getattr(config, "is_decoder", False)
-    )
 
 
 def load_hf_folder(path: str | os.PathLike, trusted: bool = False) -> nn.Module:

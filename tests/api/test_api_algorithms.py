@@ -81,7 +81,7 @@ def test_hqq_is_data_free_and_works_on_modules_state_dicts_and_files(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"bits": 4, "method": "gptq"}, ConfigurationError, "method='gptq' needs calibration_data"),
+        ({"bits": 4, "method": "gptq"}, ConfigurationError, "method='gptq' needs calibration data"),
         ({"bits": 4, "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not use it"),
         ({"bits": 8, "weight_only": True, "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not"),
         ({"bits": 8, "weight_only": True, "smoothing": 0.5}, ConfigurationError, "smoothing=0.5 is not used"),

@@ -169,7 +169,7 @@ def test_static_without_data_raises_input_error(mlp):
     with pytest.raises(InputError) as excinfo:
         quantize(mlp, bits=8)
     assert type(excinfo.value) is InputError
-    assert excinfo.value.message == "static int8 quantization (dynamic=False) needs calibration_data"
+    assert excinfo.value.message == "static int8 quantization (dynamic=False) needs calibration data"
     assert "calibration_data" in excinfo.value.suggestion
     assert "dynamic=True" in excinfo.value.suggestion
 

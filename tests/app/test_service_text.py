@@ -146,8 +146,8 @@ def test_eval_must_be_text(paused_service, tiny_llama):
 def test_gptq_without_calibration_is_422(paused_service, tiny_llama):
     response = paused_service.post("/v1/quantize", files=upload(tiny_llama), data={"bits": "4", "method": "gptq"})
     body = assert_problem(response, 422, "configuration-error")
-    assert "method=gptq needs calibration data" in body["detail"]
-    assert "method=rtn" in body["suggestion"]
+    assert "method='gptq' needs calibration data" in body["detail"]
+    assert "method='rtn'" in body["suggestion"]
     _no_jobs(paused_service)
 
 

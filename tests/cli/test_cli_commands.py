@@ -116,8 +116,9 @@ def test_static_without_calibration(runner, model_file, tmp_path):
     result = runner.invoke(cli, ["quantize", str(model_file), "--static", "-o", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
-        "Error (InputError): --static needs --calibration FILE",
-        "Suggestion: Pass --calibration calib.safetensors, or use --dynamic / --weight-only.",
+        "Error (InputError): static int8 quantization (dynamic=False) needs calibration data",
+        "Suggestion: Give calibration data (calibration_data= in Python, --calibration FILE in the CLI, a "
+        "calibration file or dataset_id over HTTP), or use dynamic=True / weight_only=True, which need no data.",
     ]
 
 
