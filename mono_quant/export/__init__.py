@@ -21,7 +21,7 @@ from typing import Any
 
 from mono_quant.errors import ConfigurationError
 
-__all__ = ["ExportFormat", "EXPORT_FORMATS", "get_format", "ARTIFACT_NAMES", "check_facts"]
+__all__ = ["ExportFormat", "EXPORT_FORMATS", "get_format", "ARTIFACT_NAMES", "check_facts", "override_precisions"]
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,11 @@ def get_format(name: str) -> ExportFormat:
 
 
 def check_facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """What a format's ``check`` decides on: ``mode``, ``bits``, ``symmetric``, ``group_size``
-    and ``layer_configs``, from a QuantizationInfo, a QuantizeOptions (the service checks a
-    request with it before anything is quantized), a plain dict, or keyword facts."""
+    """What a format's ``check`` decides on: ``mode``, ``bits``, ``symmetric``, ``group_size``,
+    ``layer_configs``, ``layer_overrides`` (``{pattern: precision name}``) and ``skipped_layers``,
+    from a QuantizationInfo, a QuantizeOptions (the service checks a request with it before
+    anything is quantized: the overrides are then all it knows of the layers), a plain dict, or
+    keyword facts."""
     facts: dict[str, Any] = {}
     if info is not None:
         if isinstance(info, Mapping):
@@ -69,9 +71,28 @@ def check_facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
             facts["bits"], facts["symmetric"] = info.bits, info.symmetric
             facts["group_size"] = info.effective_group_size if info.bits == 4 else info.group_size
             facts["mode"] = "cast" if info.bits == 16 else {"none": "weight_only"}.get(info.activation, info.activation)
+            facts["layer_overrides"] = dict(info.layer_overrides or ())
         else:
-            for key in ("mode", "bits", "symmetric", "group_size", "layer_configs"):
+            for key in (
+                "mode",
+                "bits",
+                "symmetric",
+                "group_size",
+                "layer_configs",
+                "layer_overrides",
+                "skipped_layers",
+            ):
                 facts[key] = getattr(info, key, None)
     facts.update(overrides)
-    facts.setdefault("layer_configs", {})
+    facts["layer_configs"] = facts.get("layer_configs") or {}
+    facts["layer_overrides"] = dict(facts.get("layer_overrides") or {})
+    facts["skipped_layers"] = list(facts.get("skipped_layers") or ())
     return facts
+
+
+def override_precisions(facts: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``[(pattern, Precision)]`` of the ``layer_overrides`` in ``facts`` (see :func:`check_facts`):
+    what a check can refuse at submission, before any layer name is known."""
+    from mono_quant.core.options import parse_precision
+
+    return [(pattern, parse_precision(name)) for pattern, name in (facts.get("layer_overrides") or {}).items()]

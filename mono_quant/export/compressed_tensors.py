@@ -33,13 +33,21 @@ What each quantized layer becomes (the layouts of compressed-tensors' own compre
   embedding when equal. Float Linears are listed in ``ignore``. A tied head that is quantized, or whose float
   weight differs from the embedding's, is written untied (``tie_word_embeddings: false``).
 * Scales are stored in fp32, so an fp32 load decompresses to exactly mono_quant's weights.
+* Mixed precision (``layer_overrides``, ``max_accuracy_loss``): one config group per distinct
+  scheme (W4A16 per group size, W8A16, W8A8...), each listing its layers as anchored ``re:``
+  targets of their exact names (``exact_target``), float and fp16 / bf16 layers in ``ignore``;
+  ``format`` is ``mixed-precision`` when the groups' formats differ. transformers 5.24 loads
+  such a folder through its default (compressed) path, which resolves each layer's group; its
+  ``dequantize=True`` path applies one group's scheme to every layer (wrong weights, or a
+  refusal). Several schemes with asymmetric int4 load in vLLM but in neither transformers path
+  (the compressed path also mis-sizes packed zero points): the export warns.
 
 What it refuses (ConfigurationError, before writing anything): fp16/bf16 casts, state_dict
 results, asymmetric int8 weights (vLLM's int8 kernels take symmetric weights only), int4 with
 quantized activations, quantized layers other than Linear / Embedding, float zero points (HQQ),
 SmoothQuant input scales that could not be folded (``smoothed_input``), and
-fused projections (q/k/v, gate/up) quantized with different schemes (vLLM runs each fused
-group as one matrix).
+fused projections (q/k/v, gate/up) quantized with different schemes or one of them float (vLLM
+runs each fused group as one matrix; ``check`` finds them in the layer configs).
 
 Example:
     >>> result = mono_quant.quantize(model, bits=4, group_size=128)           # doctest: +SKIP
@@ -52,6 +60,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -64,7 +73,7 @@ from torch import nn
 from mono_quant.errors import ConfigurationError
 from mono_quant.export import ExportFormat, check_facts
 
-__all__ = ["FORMAT", "check", "export", "pack_to_int32", "expand_group_qparams"]
+__all__ = ["FORMAT", "check", "export", "pack_to_int32", "expand_group_qparams", "exact_target"]
 
 _SUPPORTED = (
     "int8 dynamic (W8A8, activations per token), int8 static (W8A8, per-tensor activations), "
@@ -135,9 +144,30 @@ def check(info: Any = None, /, **facts: Any) -> None:
             f"compressed-tensors export cannot represent int4 weights with {mode} int8 activations",
             suggestion="int4 is weight-only (W4A16): quantize with bits=4 and no activation quantization.",
         )
-    for name, layer in (f.get("layer_configs") or {}).items():
+    layer_configs = f.get("layer_configs") or {}
+    for name, layer in layer_configs.items():
         if name.rpartition(".")[2] not in _HEAD_NAMES:  # a head it cannot hold is written in float
             _check_layer(name, layer)
+    # Mixed precision: every scheme is a config group of its own, but fused siblings must agree.
+    signatures: dict[str, Any] = {name: None for name in f.get("skipped_layers") or ()}
+    for name, layer in layer_configs.items():
+        signatures[name] = _config_signature(layer)
+    _check_fused(signatures)
+
+
+def _config_signature(layer: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What decides a Linear's compressed-tensors scheme, from its layer config (None: written in float)."""
+    if layer.get("kind") != "QuantizedLinear":
+        return None
+    activation = layer.get("activation", "none")
+    signature = {"bits": layer.get("bits"), "symmetric": layer.get("symmetric"), "activation": activation}
+    if layer.get("bits") == 4:
+        signature["group_size"] = layer.get("group_size")
+    elif layer.get("per_channel") is False:
+        signature["per_channel"] = False
+    if activation == "static":
+        signature["activation_symmetric"] = bool(layer.get("activation_symmetric"))
+    return signature
 
 
 def _check_layer(name: str, layer: Mapping[str, Any]) -> None:
@@ -330,11 +360,27 @@ def _head_unrepresentable(name: str, layer) -> str | None:
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model keeps its float tensors in (fp32 unless it was cast)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point() and tensor.device.type != "meta":
-            return tensor.dtype
+    """The dtype the model keeps its float tensors in (fp32 unless it was cast). Layers cast to
+    fp16 / bf16 by ``layer_overrides`` do not count: their values are written exactly in it."""
+    from mono_quant.core.quantizers import is_cast_layer
+
+    for module in model.modules():
+        if is_cast_layer(module):
+            continue
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor.is_floating_point() and tensor.device.type != "meta":
+                return tensor.dtype
     return torch.float32
+
+
+def exact_target(name: str) -> str:
+    r"""A compressed-tensors target matching the module ``name`` only (``re:`` + anchored regex).
+
+    Example:
+        >>> exact_target("model.layers.0.mlp.down_proj")
+        're:^model\\.layers\\.0\\.mlp\\.down_proj$'
+    """
+    return f"re:^{re.escape(name)}$"
 
 
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
@@ -352,20 +398,24 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
     return None if weight is None else weight.detach()
 
 
-def _check_fused(schemes: dict[str, dict], float_linears: set[str]) -> None:
+def _check_fused(signatures: Mapping[str, Any]) -> None:
+    """Refuse fused sibling projections (q/k/v, gate/up) with different schemes. ``signatures``
+    maps a Linear's name to what decides its scheme (a scheme, or a config signature), None
+    for a Linear written in float."""
     for group in _FUSED_GROUPS:
         parents: dict[str, dict[str, Any]] = {}
-        for name in list(schemes) + sorted(float_linears):
+        for name in sorted(signatures):
             parent, _, leaf = name.rpartition(".")
             if leaf in group:
-                parents.setdefault(parent, {})[leaf] = json.dumps(schemes.get(name), sort_keys=True)
+                parents.setdefault(parent, {})[leaf] = json.dumps(signatures[name], sort_keys=True)
         for parent, members in parents.items():
             if len(set(members.values())) > 1:
                 described = ", ".join(f"{leaf}: {json.loads(s) or 'float'}" for leaf, s in sorted(members.items()))
                 raise ConfigurationError(
                     f"the fused projections under {parent or 'the model'!r} are quantized differently ({described}); "
                     "vLLM runs them as one matrix with one scheme",
-                    suggestion="Quantize all of " + "/".join(group) + " alike (same include/exclude and group size).",
+                    suggestion="Quantize all of " + "/".join(group) + " alike (same include/exclude, group size and "
+                    "layer_overrides precision, e.g. '*.self_attn.[qkv]_proj=int4-g32').",
                 )
 
 
@@ -477,7 +527,7 @@ def export(
             "compressed-tensors export found no quantized Linear layer to write",
             suggestion="Quantize the model's Linear layers (the default) before exporting.",
         )
-    _check_fused(schemes, float_linears)
+    _check_fused({**{name: None for name in float_linears}, **schemes})
 
     prefixes = tuple(f"{name}." for name in handled)
     seen: dict[int, str] = {}
@@ -510,13 +560,25 @@ def export(
         names_by_scheme.setdefault(json.dumps(scheme, sort_keys=True), []).append(name)
     config_groups = {}
     for index, (key, names) in enumerate(names_by_scheme.items()):
-        # One scheme: every Linear not ignored. Several, or a quantized head: each group lists its
-        # layers by name (servers match a head, not a Linear subclass there, by name only).
+        # One scheme: every Linear not ignored. Several (mixed precision), or a quantized head:
+        # each group lists its layers, as anchored "re:" targets of their exact names (servers
+        # match a head, not a Linear subclass there, by name only).
         if len(names_by_scheme) == 1 and output_name not in schemes:
             targets = ["Linear"]
         else:
-            targets = sorted(names)
+            targets = [exact_target(name) for name in sorted(names)]
         config_groups[f"group_{index}"] = {"targets": targets, **json.loads(key)}
+    asymmetric = sorted(
+        n for n, sch in schemes.items() if sch["format"] == "pack-quantized" and not sch["weights"]["symmetric"]
+    )
+    if len(config_groups) > 1 and asymmetric:
+        warnings.warn(
+            f"compressed-tensors export wrote {len(config_groups)} schemes, some with asymmetric weights "
+            f"({asymmetric[0]}...): vLLM serves such a folder, but transformers 5.x cannot load it (its dequantize "
+            "path applies one scheme to every layer, its compressed path mis-sizes packed zero points); "
+            "quantize with scheme='symmetric' for a folder transformers loads too",
+            stacklevel=2,
+        )
     formats = {scheme["format"] for scheme in schemes.values()}
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",

@@ -24,6 +24,12 @@ stored as fp16; see gguf-py's ``quants.py``):
   F32), norms and biases F32. A tied output head is not written when its weight equals the
   embedding's: llama.cpp then uses ``token_embd`` for the output; otherwise ``output.weight`` is.
 
+Mixed precision (``layer_overrides``, ``max_accuracy_loss``): every tensor gets the type of its
+own layer (an int4 g32 layer Q4_0 / Q4_1 next to g128 ones re-blocked to 32, int8 layers Q8_0,
+float layers F32, fp16 layers F16); ``general.file_type`` names the most common type. An int4
+group that is not a multiple of 32 (``int4-g16``) is refused, by pattern from the options and by
+layer from the layer configs.
+
 SmoothQuant input scales that could not be folded (``smoothed_input``) are refused: llama.cpp
 has no per-channel input scale.
 
@@ -56,7 +62,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError
-from mono_quant.export import ExportFormat, check_facts
+from mono_quant.export import ExportFormat, check_facts, override_precisions
 
 __all__ = ["FORMAT", "check", "export", "ARCHITECTURES", "encode_q8_0", "encode_q4_0", "encode_q4_1"]
 
@@ -143,9 +149,25 @@ def check(info: Any = None, /, **facts: Any) -> None:
     architecture = f.get("architecture")
     if architecture is not None and architecture not in ARCHITECTURES:
         raise _unsupported_architecture(architecture)
+    # Mixed precision (layer_overrides, max_accuracy_loss): each tensor gets its own ggml type,
+    # so only an int4 group that 32-blocks cannot hold is refused, by pattern at submission and
+    # by layer once quantized.
+    for pattern, precision in override_precisions(f):
+        if precision.bits == 4 and precision.group_size % _BLOCK:
+            raise _group_not_blocks(f"layer_overrides {pattern!r}", precision.group_size)
     for name, layer in (f.get("layer_configs") or {}).items():
         if layer.get("smoothed_input"):
             raise _smoothed(name)
+        if layer.get("bits") == 4 and layer.get("group_size") and layer["group_size"] % _BLOCK:
+            raise _group_not_blocks(f"layer {name!r}", layer["group_size"])
+
+
+def _group_not_blocks(where: str, group_size: int) -> ConfigurationError:
+    return ConfigurationError(
+        f"GGUF export needs int4 groups of a multiple of 32 values, but {where} asks for int4-g{group_size}: ggml's "
+        "Q4_0 / Q4_1 blocks hold 32 values with one scale",
+        suggestion="Use int4-g32 (or g64, g128) for that layer, or int8 (Q8_0).",
+    )
 
 
 def _smoothed(name: str) -> ConfigurationError:

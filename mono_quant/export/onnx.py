@@ -46,6 +46,11 @@ float zero points (HQQ), unpacked ``[N * k_blocks]`` of A's type; absent means t
 middle (8 for 4 bits, 128 for 8 bits). Dequantized ``= (code - zero_point) * scale``, our
 formula. ``block_size`` must be a power of two >= 16.
 
+Mixed precision (``layer_overrides``, ``max_accuracy_loss``): each layer is rewritten from its
+own config, so a MatMulNBits carries that layer's bits and block size, W8A8 layers get the int8
+dynamic / static form above and float (or fp16 / bf16 cast) layers stay float MatMuls (fp32 in the
+graph, their values unchanged).
+
 Limits: recurrent layers, int4 embeddings and 16-bit casts are refused (ConfigurationError,
 never a silently fp32 file); a tied embedding / lm_head pair is written twice (a DQ int8
 table for the Gather, MatMulNBits codes for the head: +V*D bytes); the float twin passes
