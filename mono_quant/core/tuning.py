@@ -69,7 +69,7 @@ HELD_OUT_FRACTION = 0.25
 # first calibration batch, and quantized rung layers alive at once (in weight elements), so the
 # pass stays short and within a bounded memory on large models.
 _RANKING_INPUT_ELEMENTS = 4096
-_RANKING_CHUNK_ELEMENTS = 256 * 2**20
+_RANKING_CHUNK_ELEMENTS = 512 * 2**20
 _MIN_SEARCH_GROUP = 32
 # At most this fraction of the weights the plan quantizes may end up float.
 MAX_FLOAT_FRACTION = 0.5

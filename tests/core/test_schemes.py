@@ -21,12 +21,16 @@ from mono_quant.core.schemes import (
     PerGroup,
     PerTensor,
     QuantSpec,
+    _quantize_block,
     choose_qparams,
     dequantize,
+    dequantize_groups,
     dequantize_weight,
+    group_bounds,
     pack_int4,
     quantize,
     quantize_weight,
+    rtn_quantize_weight,
     sqnr,
     unpack_int4,
 )
@@ -156,6 +160,30 @@ def test_int4_pack_unpack_is_identity(values):
 
 def test_int4_pack_layout_low_nibble_first():
     assert pack_int4(torch.tensor([1, 2, 15, 0], dtype=torch.uint8)).tolist() == [0x21, 0x0F]
+
+
+def _pack_by_gather(q: torch.Tensor) -> torch.Tensor:
+    """The packing rule written out: byte i = element 2i | element 2i+1 << 4."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        pytest.param(lambda q: q, id="contiguous"),
+        pytest.param(lambda q: q[:, 2:], id="column_slice"),
+        pytest.param(lambda q: q.t().contiguous().t()[:, :8], id="transposed"),
+        pytest.param(lambda q: q.reshape(-1)[1:41], id="odd_storage_offset"),
+        pytest.param(lambda q: q.to(torch.int32), id="int32_input"),
+        pytest.param(lambda q: q[:0], id="empty"),
+    ],
+)
+def test_int4_pack_matches_the_byte_rule_for_any_layout(view):
+    # pack_int4 reads byte pairs as int16 words: equal to the gather it replaces, whatever the
+    # input's strides, offset or dtype
+    q = view(torch.randint(0, 16, (6, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(pack_int4(q), _pack_by_gather(q))
 
 
 def test_int4_pack_odd_width_raises_input_error():
@@ -335,6 +363,54 @@ def test_group_size_not_dividing_the_input_gives_a_partial_last_group(steps):
     head = quantize_weight(weight[:, :32], INT4_ASYMMETRIC, PerGroup(32), steps)
     assert torch.equal(dequantize_weight(qt)[:, :32], dequantize_weight(head))
     assert sqnr(weight, dequantize_weight(qt)) > 15
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("steps", [0, 8])
+def test_blocks_written_into_the_output_equal_the_pure_block_function(spec, steps):
+    # quantize_weight's CPU path rounds in a reused buffer and casts into the output; the pure
+    # form (what a compiled GPU kernel runs) must give the same integers and qparams
+    torch.manual_seed(4)
+    weight = torch.randn(300, 256) * torch.linspace(0.05, 4, 300).unsqueeze(1)  # several blocks
+    granularity = PerGroup(64) if spec.bits == 4 else PerChannel()
+    qt = quantize_weight(weight, spec, granularity, steps)
+    group = 64 if spec.bits == 4 else 256
+    q, scale, zero_point = _quantize_block(weight.view(300, 256 // group, group), spec, steps)
+    assert torch.equal(qt.qdata, q.view(300, 256))
+    assert torch.equal(qt.scale.view(300, -1), scale)
+    if qt.zero_point is not None:
+        assert torch.equal(qt.zero_point.view(300, -1), zero_point)
+
+
+@pytest.mark.parametrize("group_size", [None, 32, 48, 128], ids=lambda g: f"g{g}")
+def test_rtn_quantize_weight_is_quantize_weight_named_by_group_size(group_size):
+    torch.manual_seed(5)
+    weight = torch.randn(8, 80)  # 80 = 2 x 32 + 16, 48 + 32, and narrower than one group of 128
+    qt = rtn_quantize_weight(weight, INT4_ASYMMETRIC, group_size)
+    granularity = PerChannel() if group_size is None else PerGroup(group_size)
+    expected = quantize_weight(weight, INT4_ASYMMETRIC, granularity)
+    assert torch.equal(qt.qdata, expected.qdata) and torch.equal(qt.scale, expected.scale)
+    groups = 1 if group_size is None else len(group_bounds(80, group_size))
+    assert qt.scale.numel() == 8 * groups
+    assert sqnr(weight, dequantize_groups(qt)) > 15
+
+
+def test_group_bounds_cover_the_columns_once_with_a_partial_tail():
+    assert group_bounds(576, 128) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]
+    assert group_bounds(100, None) == [(0, 100)]
+    assert group_bounds(100, 128) == [(0, 100)]
+
+
+def test_dequantize_groups_takes_float_zero_points_and_partial_groups():
+    # HQQ's form: float zero points, per group with a partial last group
+    torch.manual_seed(6)
+    q = torch.randint(0, 16, (3, 40), dtype=torch.uint8)
+    scale, zero = torch.rand(3, 2) + 0.1, torch.rand(3, 2) * 15
+    qt = rtn_quantize_weight(torch.randn(3, 40), INT4_ASYMMETRIC, 32)
+    qt.qdata, qt.scale, qt.zero_point = q, scale, zero
+    expected = (q.float() - zero.repeat_interleave(32, dim=1)[:, :40]) * scale.repeat_interleave(32, dim=1)[:, :40]
+    assert torch.equal(dequantize_groups(qt), expected)
+    assert dequantize_groups is dequantize_weight
 
 
 def test_group_wise_needs_a_2d_weight():
