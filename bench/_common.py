@@ -76,7 +76,18 @@ def machine() -> dict[str, Any]:
         info["amx"] = "amx_int8" in flags
     except OSError:
         pass
+    info["cpu_features"] = cpu_features_record()
     return info
+
+
+def cpu_features_record() -> dict[str, Any]:
+    """The CPU features the library's kernel choice reads (``mono_quant.modules.cpu_features``):
+    ``{"flags": [the ones present], "capability": torch's dispatch level, "source": ...}``."""
+    from mono_quant.modules.cpu_features import cpu_features
+
+    record = cpu_features().as_dict()
+    flags = [name for name, value in record.items() if value is True]
+    return {"flags": flags, "capability": record["capability"], "source": record["source"]}
 
 
 def alternating_medians(

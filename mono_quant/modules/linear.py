@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,9 @@ from torch import nn
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec, regroup
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
+    cpu_int4_dense_linear,
+    cpu_int4_dense_min_rows,
+    cpu_int4_dense_qparams,
     cpu_int4_linear,
     cpu_int4_supported,
     from_cpu_int4_layout,
@@ -29,7 +34,15 @@ from mono_quant.modules.kernels import (
 
 __all__ = ["QuantizedLinear"]
 
-_KERNEL_CACHES = ("_onednn_cache", "_tinygemm_cache", "_scales_and_zeros_cache")
+_KERNEL_CACHES = (
+    "_onednn_cache",
+    "_onednn_pending",
+    "_tinygemm_cache",
+    "_scales_and_zeros_cache",
+    "_dense_qparams_cache",
+)
+# Serialises the deferred oneDNN packing (see _adopt_kernel_layout) when threads share a layer.
+_PACK_LOCK = threading.Lock()
 
 
 @register_quantized_module(nn.Linear)
@@ -113,7 +126,8 @@ class QuantizedLinear(QuantizedModule):
     #   "packed"    the documented layout (int8 [N, K], or int4 two per byte [N, K // 2]);
     #   "cpu_int4"  int4 in the block layout of torch's CPU int4 kernel (same size);
     #   "onednn"    int8 prepacked for oneDNN, kept in ``_onednn_cache``; ``qweight`` is then an
-    #               empty placeholder, so the weight is held once, not twice.
+    #               empty placeholder, so the weight is held once, not twice. Packed on the
+    #               first forward, not at construction (see _adopt_kernel_layout).
     # state_dict(), dequantized_weight(), pickling and device moves always see the documented
     # layout; the kernel layout is (re)adopted after construction, loading and moves.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -191,24 +205,43 @@ class QuantizedLinear(QuantizedModule):
         return self.config.bits == 8 and self.weight_zero_point is None and onednn_int8_available()
 
     def _adopt_kernel_layout(self) -> None:
-        """On the CPU, hold the weight in the layout of the kernel that runs it (same size)."""
+        """On the CPU, hold the weight in the layout of the kernel that runs it (same size).
+
+        int4 converts now. int8 for oneDNN is only marked here and packed by the first forward
+        (:meth:`_onednn_weight`): on AMX CPUs oneDNN reorders into its AMX layout with a generic
+        loop, ~90 ms for a 4096x4096 weight, four times the quantization itself, and twice the
+        memory while both forms exist. A model that is quantized and saved (the service's
+        path) never pays it; one that runs pays it once, on its first batch.
+        """
         if self.qweight_layout != "packed" or self.qweight.device.type != "cpu":
             return
         if self._cpu_int4_eligible():
             self.qweight = to_cpu_int4_layout(self.qweight)
             self.qweight_layout = "cpu_int4"
         elif self._onednn_eligible():
-            try:
-                packed = onednn_prepack(self.qweight)
-            except RuntimeError:  # this build's oneDNN refuses the shape: stay on _int_mm
-                return
-            zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-            object.__setattr__(self, "_onednn_cache", (packed, zero_points))
-            self.qweight = torch.empty(0, dtype=torch.int8)
-            self.qweight_layout = "onednn"
+            object.__setattr__(self, "_onednn_pending", True)
+
+    def _pack_onednn(self) -> None:
+        try:
+            packed = onednn_prepack(self.qweight)
+        except RuntimeError:  # this build's oneDNN refuses the shape: stay on _int_mm
+            return
+        zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        object.__setattr__(self, "_onednn_cache", (packed, zero_points))
+        self.qweight = torch.empty(0, dtype=torch.int8)
+        self.qweight_layout = "onednn"
 
     def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(prepacked weight, int64 zero points)`` when the oneDNN layout is in use."""
+        """``(prepacked weight, int64 zero points)`` when the oneDNN layout is in use, packing
+        the weight first if that is still pending."""
+        if "_onednn_pending" in self.__dict__:
+            # Another thread arriving meanwhile waits for the packed weight (the flag goes last)
+            # rather than running on a qweight that is being replaced.
+            with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():
+                if "_onednn_pending" in self.__dict__:
+                    if self.qweight_layout == "packed":
+                        self._pack_onednn()
+                    self.__dict__.pop("_onednn_pending", None)
         return self.__dict__.get("_onednn_cache") if self.qweight_layout == "onednn" else None
 
     def _canonical_qweight(self) -> torch.Tensor:
@@ -227,19 +260,34 @@ class QuantizedLinear(QuantizedModule):
             object.__setattr__(self, "_scales_and_zeros_cache", cached)
         return cached[1]
 
+    def _dense_qparams(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The qparams of :func:`cpu_int4_dense_linear` (derived, cached per tensor like
+        :meth:`_scales_and_zeros`)."""
+        key = (self.weight_scale.device, self.weight_scale.data_ptr(), self.weight_zero_point.data_ptr())
+        cached = getattr(self, "_dense_qparams_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, cpu_int4_dense_qparams(*self._kernel_qparams()))
+            object.__setattr__(self, "_dense_qparams_cache", cached)
+        return cached[1]
+
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        leading = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        if self.config.smoothed_input:
+        # 2-D float32 input (a batch of vectors) skips the reshapes and the cast: at batch 1 the
+        # layer's fixed cost is a handful of such microsecond ops around a ~0.1 ms kernel.
+        flat = x.dim() == 2
+        x2d = x if flat else x.reshape(-1, self.in_features)
+        config = self.config
+        if config.smoothed_input:
             x2d = x2d * self.input_smoothing
-        if self.config.activation == "static":
+        if config.activation == "static":
             out = self._forward_static(x2d)
-        elif self.config.bits == 4:
+        elif config.bits == 4:
             out = self._forward_int4(x2d)
         else:
             out = self._forward_int8(x2d)
-        return out.reshape(*leading, self.out_features).to(x.dtype)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_int8(self, x2d: torch.Tensor) -> torch.Tensor:
         dynamic = self.config.activation == "dynamic"
@@ -270,6 +318,10 @@ class QuantizedLinear(QuantizedModule):
         if x2d.device.type != "cpu" or self.kernel_group is None:
             return self._forward_dequantized(x2d)
         if self.qweight_layout == "cpu_int4":
+            # many rows: the int4 kernel is compute-bound there, dequantize for the dense GEMM
+            dense_from = cpu_int4_dense_min_rows()
+            if dense_from is not None and x2d.shape[0] >= dense_from:
+                return cpu_int4_dense_linear(x2d, self.qweight, self._dense_qparams(), self.kernel_group, self.bias)
             return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.kernel_group, self.bias)
         terms = 1 if self.config.activation == "dynamic" else 2
         scales, zero_points = self._kernel_qparams()
