@@ -255,3 +255,32 @@ def test_layer_config_validates(kwargs, match):
     with pytest.raises(ConfigurationError, match=match) as info:
         LayerQuantConfig(**kwargs)
     assert info.value.suggestion and info.value.suggestion in str(info.value)
+
+
+@pytest.mark.parametrize("activation", ["dynamic", "none", "static"])
+def test_onednn_packing_waits_for_the_first_forward(activation):
+    """int8 weights are packed for oneDNN on the first forward, not at construction (the AMX
+    reorder costs more than quantizing): before it the layer holds the documented int8 weight,
+    after it the packed one, and outputs and state_dict are the same either way."""
+    from mono_quant.modules.kernels import onednn_int8_available
+
+    if not onednn_int8_available():
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    torch.manual_seed(0)
+    float_layer = nn.Linear(IN, OUT)
+    qparams = (torch.tensor(0.05), torch.tensor(3, dtype=torch.int32))
+    config = LayerQuantConfig(bits=8, symmetric=True, activation=activation)
+    layer = QuantizedLinear.from_float(float_layer, config, input_qparams=qparams if activation == "static" else None)
+    assert layer.qweight_layout == "packed" and layer.qweight.numel() == IN * OUT  # nothing packed yet
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    x = torch.randn(5, IN)
+    first = layer(x)
+    assert layer.qweight_layout == "onednn" and layer.qweight.numel() == 0  # held once, packed
+    torch.testing.assert_close(layer(x), first)
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    fresh = QuantizedLinear.from_float(float_layer, config, input_qparams=qparams if activation == "static" else None)
+    fresh.load_state_dict(after)
+    torch.testing.assert_close(fresh(x), first)
