@@ -303,7 +303,8 @@ def quantize_layers(
             if note:
                 warnings.append(f"{name}: {note}")
             if tensors is not None:
-                stored[name] = tensors
+                if decision.tie is not None:  # kept only for a tie to reuse: peak memory
+                    stored[name] = tensors
                 if weight_cache is not None and decision.config.method != "rtn":
                     weight_cache[_cache_key(name, decision.config)] = tensors
             if shared in stored:
