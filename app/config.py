@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +37,14 @@ class Settings(BaseSettings):
     max_form_field_bytes: int = Field(64 * 1024, gt=0, description="Largest accepted non-file form field.")
     upload_chunk_bytes: int = Field(1024 * 1024, gt=0, description="Chunk size used when streaming files to disk.")
     workers: int = Field(1, ge=1, le=64, description="Worker processes of the embedded queue (one job each).")
+    worker_threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Torch threads of each worker process. Default: the machine's cores divided by the embedded "
+        "queue's workers (all cores for a celery worker), so busy workers never oversubscribe the CPU: on 2 cores "
+        "with other processes busy, a 2-thread elementwise pass measured 8x slower than on 1 thread.",
+    )
     job_timeout_s: float = Field(3600.0, gt=0, description="A running job is stopped and failed after this long.")
     max_attempts: int = Field(
         2, ge=1, le=5, description="Runs a job may get when its worker dies under it (1 = never retried)."
@@ -130,6 +139,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @property
+    def torch_threads(self) -> int:
+        """Threads a worker's torch uses (see ``worker_threads``)."""
+        if self.worker_threads is not None:
+            return self.worker_threads
+        cores = os.cpu_count() or 1
+        return max(1, cores // self.workers) if self.queue == "embedded" else cores
 
     @property
     def resolved_database_url(self) -> str:

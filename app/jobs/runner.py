@@ -476,6 +476,9 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         >>> run_job("5f0c...", Settings())  # doctest: +SKIP
         'succeeded'
     """
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)  # workers share the machine's cores
     store = _store(settings.resolved_database_url)
     storage = Storage(settings.data_dir)
     attempt = store.claim(job_id, f"{socket.gethostname()}:{os.getpid()}")
