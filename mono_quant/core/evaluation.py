@@ -33,6 +33,7 @@ from mono_quant.errors import InputError
 
 __all__ = [
     "Evaluator",
+    "first_float_output",
     "is_causal_lm",
     "is_causal_lm_config",
     "mean_pooled",
@@ -111,7 +112,9 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return nn.functional.normalize(pooled, dim=-1)
 
 
-def _first_float(output: Any) -> torch.Tensor | None:
+def first_float_output(output: Any) -> torch.Tensor | None:
+    """The tensor a model's output is compared by: ``logits``, ``last_hidden_state``, the output
+    itself when it is a floating tensor, or the first floating tensor of a tuple / dict."""
     if isinstance(output, torch.Tensor):
         return output if output.is_floating_point() else None
     for name in ("logits", "last_hidden_state"):
@@ -119,7 +122,7 @@ def _first_float(output: Any) -> torch.Tensor | None:
         if isinstance(value, torch.Tensor):
             return value
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
-    return next((v for v in map(_first_float, values) if v is not None), None)
+    return next((v for v in map(first_float_output, values) if v is not None), None)
 
 
 class Evaluator:
@@ -155,7 +158,7 @@ class Evaluator:
                 self.metric = self.metric or "embedding_cosine"
                 outputs.append(mean_pooled(hidden, mask).cpu())
                 continue
-            tensor = _first_float(output)
+            tensor = first_float_output(output)
             if tensor is None:
                 return []
             self.metric = self.metric or "output_cosine"
