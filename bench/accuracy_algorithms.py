@@ -11,8 +11,8 @@ smoothing input scale where one could not be folded.
 * SmolLM2-135M: perplexity on 512-token windows of ``eval_text()``; calibration on 16 x 512
   tokens of ``calibration_text()``. Every decoder Linear quantized; the tied embedding /
   lm_head stays fp32 (the library keeps it at 8 bits in int4 runs). K = 576 is not a multiple
-  of 128: the last group holds 64 columns. ``gap_closed`` = share of RTN's (clip search) perplexity
-  gap to fp32 that a case removes.
+  of 128: the last group holds 64 columns. ``gap_closed`` = share of plain min/max RTN's
+  perplexity gap to fp32 (the data-free default) that a case removes.
 
 Usage: ``python bench/accuracy_algorithms.py [--models minilm,smollm2] [--eval-windows 8] [--quick]``
 (``--quick``: MiniLM only, fewer cases.) One JSON line per case on stdout.
@@ -32,11 +32,14 @@ from torch import nn
 from mono_quant.core.algorithms import (
     apply_smoothing,
     collect_activation_absmax,
+    collect_activation_samples,
+    collect_input_mean_squares,
     dequantize_groups,
     gptq_quantize_model,
     hqq_quantize_weight,
     rtn_quantize_weight,
     smoothing_plan,
+    synthetic_token_batches,
 )
 from mono_quant.core.schemes import INT4_ASYMMETRIC, INT8_SYMMETRIC
 
@@ -183,6 +186,8 @@ def build(
     calibration: list,
     dynamic: bool = False,
     alpha: float | None = None,
+    smoothing_data: str = "calibration",
+    auto_alpha: bool = False,
 ) -> tuple[nn.Module, dict]:
     """A fake-quantized copy of ``model`` and extra fields (timings)."""
     work = copy.deepcopy(model)
@@ -191,8 +196,10 @@ def build(
     division_handles: list = []
     if alpha is not None:
         start = time.perf_counter()
-        absmax = collect_activation_absmax(work, calibration, names)
-        plan = smoothing_plan(work, absmax, alpha)
+        data = synthetic_token_batches(work) if smoothing_data == "synthetic" else calibration
+        absmax = collect_activation_absmax(work, data, names)
+        samples = collect_activation_samples(work, data, names) if auto_alpha else None
+        plan = smoothing_plan(work, absmax, alpha, samples)
         input_scales = apply_smoothing(work, plan)
         extra["smoothing_s"] = time.perf_counter() - start
         extra["unfoldable_linears"] = len(input_scales)
@@ -204,10 +211,29 @@ def build(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             steps = 0 if method == "gptq_minmax" else 8  # group qparams: min/max or the MSE clip search
+            # gptq_natural: before act-order and sample dampening (natural column order, 1% dampening)
+            natural = {"act_order": False, "sample_damp": 0.0} if method == "gptq_natural" else {}
             specs = {n: (spec, group_size) for n in names}
-            quantized = gptq_quantize_model(work, calibration, specs, clip_search_steps=steps)
+            quantized = gptq_quantize_model(work, calibration, specs, clip_search_steps=steps, **natural)
         extra["gptq_s"] = time.perf_counter() - start
         extra["gptq_warnings"] = len(caught)
+    elif method == "hqq_weighted_synthetic":  # data-free: importance from random token ids
+        start = time.perf_counter()
+        importance = collect_input_mean_squares(work, synthetic_token_batches(work), names)
+        modules = dict(work.named_modules())
+        quantized = {
+            n: hqq_quantize_weight(
+                modules[n].weight.detach(),
+                spec,
+                group_size,
+                10,
+                refine_scale=True,
+                range_search_steps=7,
+                column_weights=importance[n],
+            )
+            for n in names
+        }
+        extra["quantize_s"] = time.perf_counter() - start
     else:
         quantize = weight_quantizer(method, spec, group_size)
         start = time.perf_counter()
@@ -234,8 +260,9 @@ def minilm_cases(quick: bool):
             ("int4_g128_hqq_clip_init", "hqq_clip_init"),
             ("int4_g128_hqq_scale", "hqq_scale"),
             ("int4_g128_hqq_scale_clip_init", "hqq_scale_clip_init"),
-            ("int4_g128_gptq", "gptq"),
+            ("int4_g128_gptq_natural", "gptq_natural"),
         ]
+    int4 += [("int4_g128_hqq_weighted_synthetic", "hqq_weighted_synthetic"), ("int4_g128_gptq", "gptq")]
     for case, method in int4:
         yield case, dict(method=method, spec=INT4_ASYMMETRIC, group_size=128)
     yield "int8_dynamic_rtn", dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True)
@@ -245,6 +272,7 @@ def minilm_cases(quick: bool):
             f"int8_dynamic_smooth_a{alpha}",
             dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True, alpha=alpha),
         )
+    yield from int8_smoothing_variants()
     if not quick:
         yield "int8_dynamic_hqq", dict(method="hqq", spec=INT8_SYMMETRIC, group_size=None, dynamic=True)
         yield "int8_dynamic_gptq", dict(method="gptq", spec=INT8_SYMMETRIC, group_size=None, dynamic=True)
@@ -282,13 +310,14 @@ def run_minilm(quick: bool) -> None:
 
 def smollm2_cases():
     for case, method in [
-        ("int4_g128_rtn_clip", "rtn_clip"),
         ("int4_g128_rtn_minmax", "rtn_minmax"),
+        ("int4_g128_rtn_clip", "rtn_clip"),
         ("int4_g128_hqq", "hqq"),
         ("int4_g128_hqq_clip_init", "hqq_clip_init"),
         ("int4_g128_hqq_scale", "hqq_scale"),
+        ("int4_g128_hqq_weighted_synthetic", "hqq_weighted_synthetic"),
         ("int4_g128_gptq", "gptq"),
-        ("int4_g128_gptq_minmax", "gptq_minmax"),
+        ("int4_g128_gptq_natural", "gptq_natural"),
     ]:
         yield case, dict(method=method, spec=INT4_ASYMMETRIC, group_size=128)
     yield "int8_dynamic_rtn", dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True)
@@ -297,6 +326,15 @@ def smollm2_cases():
             f"int8_dynamic_smooth_a{alpha}",
             dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True, alpha=alpha),
         )
+    yield from int8_smoothing_variants()
+
+
+def int8_smoothing_variants():
+    """SmoothQuant at alpha 0.5 from random token ids (data-free), and with alpha chosen per
+    group on samples of the calibration activations."""
+    int8 = dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True, alpha=0.5)
+    yield "int8_dynamic_smooth_synthetic_a0.5", dict(int8, smoothing_data="synthetic")
+    yield "int8_dynamic_smooth_auto", dict(int8, auto_alpha=True)
 
 
 def run_smollm2(eval_windows: int) -> None:
@@ -316,7 +354,7 @@ def run_smollm2(eval_windows: int) -> None:
             work, extra = build(model, names, calibration=calibration, **options)
             ppl = perplexity(work, evaluation)
             fields = {"perplexity": ppl, "vs_fp32": ppl / fp32 - 1.0}
-            if case == "int4_g128_rtn_clip":
+            if case == "int4_g128_rtn_minmax":  # the data-free default: the reference to beat
                 rtn = ppl
             elif case.startswith("int4") and rtn is not None and rtn > fp32:
                 fields["gap_closed"] = (rtn - ppl) / (rtn - fp32)

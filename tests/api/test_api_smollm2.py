@@ -125,14 +125,17 @@ def test_int8_dynamic_with_calibration_text_is_within_1_percent_of_fp32(
     assert ours <= fp32_perplexity * 1.01
 
 
+@pytest.mark.timeout(1200)  # ~1 min on a quiet machine; a loaded 2-core one took > 10
 def test_gptq_int4_g128_closes_most_of_round_to_nearests_gap(
     smollm2, smollm2_eval_windows, smollm2_calibration_windows, rtn_perplexity, fp32_perplexity
 ):
-    """GPTQ on 16 x 512 calibration tokens (measured: 45% of the gap on 4 windows, 2 here)."""
+    """GPTQ on 16 x 512 calibration tokens, act-order + sample dampening (the defaults).
+    Measured on these 2 windows: 83% of the gap (issue 12's goal: 50%); bench/accuracy_algorithms.py
+    on 8 windows: 64% (natural order, 1% dampening: 37%)."""
     calibration = [{"input_ids": w.unsqueeze(0)} for w in smollm2_calibration_windows]
     result = quantize(smollm2[0], bits=4, group_size=128, method="gptq", calibration_data=calibration)
     assert result, result.errors
     ours = perplexity(result.model, smollm2_eval_windows[:2])
     closed = (rtn_perplexity - ours) / (rtn_perplexity - fp32_perplexity)
     print(f"fp32 {fp32_perplexity:.3f}  rtn {rtn_perplexity:.3f}  gptq {ours:.3f}  gap closed {closed:.0%}")
-    assert closed >= 0.30
+    assert closed >= 0.70

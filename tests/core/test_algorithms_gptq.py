@@ -276,6 +276,52 @@ def test_gptq_int4_g128_minilm_cosine():
     assert cosine_stats(reference, embed(model, evaluation))["mean"] >= GPTQ_MINILM_FLOOR
 
 
-# Measured 0.9749 with these 32 calibration sentences (RTN + clip search: ~0.965; the bench's 64
-# calibration sentences give 0.9830).
-GPTQ_MINILM_FLOOR = 0.970
+# Measured with these 32 calibration sentences: 0.9842 (act-order + sample dampening, the
+# defaults); 0.9772 in natural order with 1% dampening; RTN + clip search ~0.965. The bench's 64
+# calibration sentences give 0.9865 (issue 12's goal: 0.985).
+GPTQ_MINILM_FLOOR = 0.982
+
+
+def test_act_order_keeps_the_layout_and_beats_natural_order_on_outlier_inputs():
+    columns = 256
+    x = correlated_inputs(2048, columns, seed=3)
+    x[:, ::17] *= 6.0  # a few very active inputs, spread over every group (as in real layers)
+    weight = torch.randn(32, columns, generator=torch.Generator().manual_seed(4)) * 0.05
+    acc = HessianAccumulator(columns)
+    acc.add(x)
+    natural = gptq_quantize_weight(weight, acc, INT4_ASYMMETRIC, 64, act_order=False)
+    ordered = gptq_quantize_weight(weight, acc, INT4_ASYMMETRIC, 64, act_order=True)
+    assert ordered.scale.shape == natural.scale.shape == (32, 4) and ordered.granularity == PerGroup(64)
+    assert ordered.qdata.dtype == natural.qdata.dtype and ordered.zero_point.dtype == torch.int32
+    # static groups: stored in the original column order, dequantized with the plain group rule
+    assert output_error(x, weight, ordered) < output_error(x, weight, natural)
+
+
+def test_sample_dampening_is_features_over_tokens():
+    x = correlated_inputs(100, 200)  # fewer tokens than features: a rank-deficient Hessian
+    acc = HessianAccumulator(200)
+    acc.add(x)
+    weight = torch.randn(8, 200) * 0.05
+    by_ratio = gptq_quantize_weight(weight, acc, INT4_ASYMMETRIC, 32, sample_damp=0.1)
+    explicit = gptq_quantize_weight(weight, acc.hessian, INT4_ASYMMETRIC, 32, damp=0.1 * 200 / 100)
+    assert torch.equal(by_ratio.qdata, explicit.qdata)
+    plain = gptq_quantize_weight(weight, acc, INT4_ASYMMETRIC, 32, sample_damp=0.0)
+    assert not torch.equal(plain.qdata, by_ratio.qdata)
+
+
+def test_true_sequential_calibrates_later_linears_on_quantized_earlier_ones():
+    torch.manual_seed(0)
+    model = Stacked(depth=2).eval()
+    x = torch.randn(4, 64, 8) @ torch.randn(8, 8)
+    specs = {name: (INT4_ASYMMETRIC, 16) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = gptq_quantize_model(model, [x[:2], x[2:]], specs, true_sequential=False)
+    ordered = gptq_quantize_model(model, [x[:2], x[2:]], specs, true_sequential=True)
+    assert set(ordered) == set(specs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # float weights back
+    first = "layers.0.left"  # the first set reads the block input: the same either way
+    assert torch.equal(plain[first].qdata, ordered[first].qdata)
+    assert any(not torch.equal(plain[n].qdata, ordered[n].qdata) for n in specs if n.startswith("layers.0.out"))
+    with torch.no_grad():
+        reference = model(x)
+        assert (fake_quantized(model, ordered)(x) - reference).square().mean() < reference.square().mean() * 0.05

@@ -10,9 +10,11 @@ none modifies a caller's model except :func:`apply_smoothing`, which is document
 place on the copy it is given.
 """
 
-from mono_quant.core.algorithms._groups import dequantize_groups, group_bounds, rtn_quantize_weight
 from mono_quant.core.algorithms.gptq import (
+    GPTQ_DEFAULT_ACT_ORDER,
     GPTQ_DEFAULT_MIN_TOKENS,
+    GPTQ_DEFAULT_SAMPLE_DAMP,
+    GPTQ_DEFAULT_TRUE_SEQUENTIAL,
     GPTQFallbackWarning,
     HessianAccumulator,
     gptq_quantize_model,
@@ -20,13 +22,18 @@ from mono_quant.core.algorithms.gptq import (
 )
 from mono_quant.core.algorithms.hqq import HQQ_DEFAULT_ITERATIONS, hqq_quantize_weight
 from mono_quant.core.algorithms.smoothing import (
+    AUTO_ALPHA_CANDIDATES,
     DEFAULT_SMOOTHING_ALPHA,
     SmoothingGroup,
     apply_smoothing,
     collect_activation_absmax,
+    collect_activation_samples,
+    collect_input_mean_squares,
     smoothing_plan,
     smoothing_scales,
+    synthetic_token_batches,
 )
+from mono_quant.core.schemes import dequantize_groups, group_bounds, rtn_quantize_weight  # one home: schemes
 
 __all__ = [
     "hqq_quantize_weight",
@@ -36,8 +43,15 @@ __all__ = [
     "gptq_quantize_model",
     "GPTQFallbackWarning",
     "GPTQ_DEFAULT_MIN_TOKENS",
+    "GPTQ_DEFAULT_ACT_ORDER",
+    "GPTQ_DEFAULT_TRUE_SEQUENTIAL",
+    "GPTQ_DEFAULT_SAMPLE_DAMP",
     "SmoothingGroup",
     "collect_activation_absmax",
+    "collect_input_mean_squares",
+    "collect_activation_samples",
+    "synthetic_token_batches",
+    "AUTO_ALPHA_CANDIDATES",
     "smoothing_scales",
     "smoothing_plan",
     "apply_smoothing",

@@ -27,6 +27,13 @@ g128 (embedding cosine vs fp32, bench/accuracy_algorithms.py): RTN min/max 0.961
 search 0.9648, upstream HQQ from min/max 0.9610 (lower weight MSE, lower cosine), from the clip
 search 0.9662, with ``refine_scale`` from the clip search 0.9676 (g64: 0.9747 vs RTN 0.9719).
 
+``column_weights`` (ours) weights each input column's error by its importance, e.g. the mean
+square of the layer's inputs (the diagonal of its Hessian), and ``range_search_steps`` starts
+from the best of a grid of shrunk (min, max) ranges by that weighted error. The importance need
+not come from data: on random token ids (``smoothing.synthetic_token_batches``) it measured, at
+int4 g128, MiniLM 0.9777 (unweighted best 0.9676) and SmolLM2 perplexity 15.64 where RTN min/max
+gives 17.30 and fp32 13.64 (45% of the gap closed; upstream HQQ: 17.52, -6%).
+
 Unlike upstream, each group keeps its best iterate (by squared error, the quantity the model
 output cares about) instead of the last one, and the loop stops early once the block's total
 error stops falling (upstream's rule, on the same error).
@@ -36,8 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from mono_quant.core.algorithms._groups import group_bounds, rtn_quantize_weight
-from mono_quant.core.schemes import PerChannel, PerGroup, QuantizedTensor, QuantSpec
+from mono_quant.core.schemes import PerChannel, PerGroup, QuantizedTensor, QuantSpec, group_bounds, rtn_quantize_weight
 from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = ["hqq_quantize_weight", "HQQ_DEFAULT_ITERATIONS"]
@@ -60,6 +66,33 @@ def _shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
     return magnitude.sub_(threshold).clamp_(min=0.0).mul_(torch.sign(x))
 
 
+def _range_search(
+    tile: torch.Tensor, weights: torch.Tensor | None, spec: QuantSpec, steps: int, max_shrink: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric ``(scale, zero) [n, G, 1]`` of ``tile [n, G, g]``: the (min, max) range,
+    each end shrunk by one of ``steps`` factors in ``[0, max_shrink]`` on its own, with the
+    lowest (weighted) squared error; float zero points."""
+    low = tile.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = tile.amax(dim=-1, keepdim=True).clamp(min=0)
+    levels = spec.qmax - spec.qmin
+    best_scale = best_zero = best_error = None
+    for low_shrink in torch.linspace(0, max_shrink, steps).tolist():
+        for high_shrink in torch.linspace(0, max_shrink, steps).tolist():
+            scale = ((high * (1 - high_shrink) - low * (1 - low_shrink)) / levels).clamp_(min=_MIN_SCALE)
+            zero = spec.qmin - low * (1 - low_shrink) / scale
+            q = torch.div(tile, scale).add_(zero).round_().clamp_(spec.qmin, spec.qmax)
+            error = q.sub_(zero).mul_(scale).sub_(tile).square_()
+            error = (error if weights is None else error.mul_(weights)).sum(dim=-1, keepdim=True)
+            if best_error is None:
+                best_scale, best_zero, best_error = scale, zero, error
+                continue
+            better = error < best_error
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+            best_error = torch.where(better, error, best_error)
+    return best_scale, best_zero
+
+
 def _refine_tile(
     tile: torch.Tensor,
     scale: torch.Tensor,
@@ -71,20 +104,30 @@ def _refine_tile(
     kappa: float,
     early_stop: bool,
     refine_scale: bool,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HQQ on ``tile [n, G, g]`` from ``scale, zero [n, G, 1]`` -> ``(q, scale, zero)``.
 
-    ``q [n, G, g]`` float integers; ``scale``/``zero`` ``[n, G, 1]`` float32.
+    ``weights [1, G, g]`` (optional, positive): each column's importance in the error and the
+    fits. ``q [n, G, g]`` float integers; ``scale``/``zero`` ``[n, G, 1]`` float32.
     """
     qmin, qmax = spec.qmin, spec.qmax
     refine_zero = not spec.symmetric
+
+    def group_sum(x):  # (weighted) sum over each group
+        return (x if weights is None else x * weights).sum(dim=-1, keepdim=True)
+
+    count = group_sum(torch.ones_like(tile[:1]))
+
+    def group_mean(x):
+        return group_sum(x) / count
 
     def grid(s, z):
         if refine_zero:
             q = torch.div(tile, s).add_(z).round_().clamp_(qmin, qmax)
         else:  # integer z: round(x / s) + z == round(x / s + z)
             q = torch.div(tile, s).round_().add_(z).clamp_(qmin, qmax)
-        error = (q - z).mul_(s).sub_(tile).square_().sum(dim=-1, keepdim=True)
+        error = group_sum((q - z).mul_(s).sub_(tile).square_())
         return q, error
 
     best_scale, best_zero = scale.clone(), zero.clone()
@@ -96,19 +139,17 @@ def _refine_tile(
         target = tile - outliers  # what the grid should reproduce once the outliers are set aside
         if refine_zero and refine_scale:
             # least-squares line target ~ s * (q - z) through the group's points: scale and zero together
-            q_mean, t_mean = q.mean(dim=-1, keepdim=True), target.mean(dim=-1, keepdim=True)
+            q_mean, t_mean = group_mean(q), group_mean(target)
             q_centred = q - q_mean
-            fitted = (q_centred * (target - t_mean)).sum(dim=-1, keepdim=True) / q_centred.square().sum(
-                dim=-1, keepdim=True
-            )
+            fitted = group_sum(q_centred * (target - t_mean)) / group_sum(q_centred.square())
             usable = torch.isfinite(fitted) & (fitted > _MIN_SCALE)
             scale = torch.where(usable, fitted, scale)
             zero = q_mean - t_mean / scale
         elif refine_zero:  # upstream: the closed-form zero point for the fixed scale
-            zero = (q - target / scale).mean(dim=-1, keepdim=True)
+            zero = group_mean(q - target / scale)
         else:
             centred = q - zero
-            scale = (target * centred).sum(dim=-1, keepdim=True) / centred.square().sum(dim=-1, keepdim=True)
+            scale = group_sum(target * centred) / group_sum(centred.square())
             scale = torch.where(torch.isfinite(scale), scale, best_scale).clamp_(min=_MIN_SCALE)
         beta *= kappa
         q, error = grid(scale, zero)
@@ -136,12 +177,19 @@ def hqq_quantize_weight(
     early_stop: bool = True,
     init_clip_search_steps: int = 0,
     refine_scale: bool = False,
+    column_weights: torch.Tensor | None = None,
+    range_search_steps: int = 0,
 ) -> QuantizedTensor:
     """Quantize ``weight [N, K]`` with HQQ-refined qparams; data-free.
 
     ``group_size=None`` is per channel (one group per row). The starting qparams are min/max
     (``init_clip_search_steps=0``, upstream's) or the MSE clip search's; ``refine_scale``
-    refits the scale with the zero point (see the module docstring for measurements). Rows are processed in
+    refits the scale with the zero point (see the module docstring for measurements).
+    ``column_weights [K]`` (positive, e.g. the mean square of each input feature on some
+    inputs: the diagonal of the layer's Hessian) weights each column's error in every fit and
+    comparison, so the grid serves the inputs that matter. ``range_search_steps`` (asymmetric
+    grids): start from the best of ``steps x steps`` shrunk (min, max) pairs by that weighted
+    error instead of the plain min/max (or clip-searched) range. Rows are processed in
     blocks of ~1M elements, so the extra memory is a few tens of MiB whatever the weight.
 
     Returns a :class:`QuantizedTensor`: ``qdata [N, K]`` (uint8 0..15 / int8), ``scale``
@@ -169,6 +217,16 @@ def hqq_quantize_weight(
     if group_size is not None:
         PerGroup(group_size)  # validates the group size
     rows, columns = weight.shape
+    if column_weights is not None:
+        column_weights = column_weights.detach().to(device=weight.device, dtype=torch.float32).reshape(-1)
+        if column_weights.numel() != columns or not bool(torch.isfinite(column_weights).all()):
+            raise InputError(
+                f"HQQ column_weights must be {columns} finite values, got shape {tuple(column_weights.shape)}",
+                suggestion="Pass one importance per input feature, e.g. the mean square of each input.",
+            )
+        # relative to the mean, with a floor: a feature never seen still counts a little
+        column_weights = column_weights / column_weights.mean().clamp(min=_MIN_SCALE)
+        column_weights = column_weights.clamp(min=1e-3)
     bounds = group_bounds(columns, group_size)
     full = (columns // group_size) * group_size if group_size is not None and group_size < columns else 0
     keep_zero = not (spec.symmetric and spec.bits == 8)
@@ -196,10 +254,17 @@ def hqq_quantize_weight(
             groups = (last - first) // width
             tile = rows_block[:, first:last].reshape(stop - start, groups, width)
             group_slice = slice(first_group, first_group + groups)
+            tile_weights = None
+            if column_weights is not None:
+                tile_weights = column_weights[first:last].reshape(1, groups, width)
+            tile_scale = init_scale[:, group_slice].unsqueeze(-1)
+            tile_zero = init_zero[:, group_slice].unsqueeze(-1)
+            if range_search_steps > 1 and not spec.symmetric:
+                tile_scale, tile_zero = _range_search(tile, tile_weights, spec, range_search_steps)
             q, scale, zero = _refine_tile(
                 tile,
-                init_scale[:, group_slice].unsqueeze(-1),
-                init_zero[:, group_slice].unsqueeze(-1),
+                tile_scale,
+                tile_zero,
                 spec,
                 iterations,
                 lp_norm,
@@ -207,6 +272,7 @@ def hqq_quantize_weight(
                 kappa,
                 early_stop,
                 refine_scale,
+                tile_weights,
             )
             q_out[start:stop, first:last] = q.reshape(stop - start, last - first).to(spec.storage_dtype)
             scale_out[start:stop, group_slice] = scale.squeeze(-1)
