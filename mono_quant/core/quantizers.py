@@ -582,8 +582,9 @@ def _smooth(model, plan, batches, alpha, info):
         for d in plan.layers.values()
         if d.config is not None and d.kind == "linear" and d.config.activation != "none" and d.tie is None
     ]
-    work = copy.deepcopy(model)
     with torch.inference_mode(False), torch.no_grad():
+        # copied here, not under a caller's inference_mode: the copy's weights are scaled in place
+        work = copy.deepcopy(model)
         absmax = collect_activation_absmax(work, batches, names)
         input_scales = apply_smoothing(work, smoothing_plan(work, absmax, alpha))
     # The copy must stay the float model it was (static calibration and GPTQ run it): a Linear

@@ -301,3 +301,12 @@ def test_siblings_reading_one_input_move_together():
     overrides = result.info.layer_overrides
     assert "v_proj" in overrides  # the outlier layer moved
     assert overrides.get("q_proj") == overrides.get("k_proj") == overrides["v_proj"]
+
+
+def test_smoothing_under_the_callers_inference_mode():
+    """quantize() called inside torch.inference_mode() with calibration data: the smoothed
+    working copy is scaled in place, which inference tensors refuse unless copied outside it."""
+    model = OutlierMLP().eval()
+    with torch.inference_mode():
+        result = quantize(model, bits=8, dynamic=True, calibration_data=_batches(2, 1))
+    assert result.success and result.info.metrics["smoothing"]["layers"] > 0
