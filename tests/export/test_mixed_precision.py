@@ -509,7 +509,8 @@ def test_smollm2_mixed_gguf_llamacpp_greedy_tokens_agree(smollm2, smollm2_eval_w
     """The default int4 run (asymmetric g128) with overrides: Q4_1, Q8_0 and F32 tensors; llama.cpp's
     greedy next tokens agree with ours (>= 0.9, as test_gguf.py's uniform runs)."""
     gguf = pytest.importorskip("gguf")
-    xlc = pytest.importorskip("xllamacpp")
+    pytest.importorskip("xllamacpp")
+    from tests.export.test_gguf import AGREEMENT_POSITIONS, llamacpp_greedy_agreement
 
     model, tokenizer = smollm2
     window = smollm2_eval_windows[0]
@@ -521,23 +522,7 @@ def test_smollm2_mixed_gguf_llamacpp_greedy_tokens_agree(smollm2, smollm2_eval_w
     kinds = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) > 1)
     assert {"Q4_1", "Q8_0", "F32"} <= set(kinds), kinds
 
-    params = xlc.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = params.n_batch = params.n_ubatch = 512
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
-    server = xlc.Server(params)
-    positions = range(16, 512, 4)
-    ids = window.tolist()
-    agree = 0
-    try:
-        for length in positions:
-            reply = server.handle_completions(
-                {"prompt": ids[:length], "n_predict": 1, "top_k": 1, "n_probs": 1, "cache_prompt": True}
-            )
-            token = reply["choices"][0]["logprobs"]["content"][0]["id"]
-            agree += int(token == int(ours[length - 1]))
-    finally:
-        del server
-    agreement = agree / len(positions)
+    agreement = llamacpp_greedy_agreement(path, window, ours)
+    positions = AGREEMENT_POSITIONS
     print(f"smollm2 mixed gguf ({dict(kinds)}): llama.cpp greedy agreement {agreement:.3f} over {len(positions)}")
     assert agreement >= 0.9
