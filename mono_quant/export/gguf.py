@@ -16,8 +16,8 @@ stored as fp16; see gguf-py's ``quants.py``):
   points (HQQ) fit too, since ``m`` is a float.
   Exact up to the fp16 rounding of ``d`` and ``m`` (relative 2^-11), when every group (also a
   partial last group) is a multiple of 32 wide.
-* A quantized tensor with no exact ggml type (asymmetric int8, e.g. from an asymmetric int8
-  run's layer_overrides; rows not a multiple of 32) is written as F32 of its dequantized weight
+* A quantized tensor with no exact ggml type (asymmetric int8, rows not a multiple of 32) is
+  written as F32 of its dequantized weight
   (exact, 4 bytes per value) with a warning naming it; position / token-type embeddings are F32
   too (llama.cpp adds them as plain float rows).
 * Float (unquantized) weights are written as they are (F32, or F16 for an fp16 model; bf16 as
