@@ -137,8 +137,11 @@ def _raise_for_problem(response: httpx.Response) -> None:
 def _form_value(value: Any) -> str | list[str]:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, Mapping):  # layer_overrides={pattern: precision}
+        return [f"{key}={item}" for key, item in value.items()]
     if isinstance(value, (list, tuple)):
-        return [str(item) for item in value]
+        # (pattern, precision) pairs of layer_overrides become "pattern=precision" fields
+        return ["=".join(map(str, item)) if isinstance(item, tuple) else str(item) for item in value]
     return str(value)
 
 
@@ -226,21 +229,28 @@ class MonoQuantClient:
         model_id: str | None = None,
         calibration: PathLike | None = None,
         dataset_id: str | None = None,
+        eval: PathLike | None = None,
+        eval_id: str | None = None,
         idempotency_key: str | None = None,
         **params: Any,
     ) -> dict[str, Any]:
         """Queue a job: a model file or ``model_id``, optional calibration file or
-        ``dataset_id``, and parameters as for ``mono_quant.quantize`` (bits, dynamic, scheme,
-        group_size, include, exclude, validate, callback_url...). Returns the job.
+        ``dataset_id``, optional eval text file or ``eval_id`` (the report's accuracy and what
+        ``max_accuracy_loss`` is measured on), and parameters as for ``mono_quant.quantize``
+        (bits, dynamic, scheme, group_size, layer_overrides, max_accuracy_loss, validate,
+        callback_url...). Returns the job.
 
         The library options among ``params`` are checked with the library's own rules
         (:class:`~mono_quant.core.options.QuantizeOptions`) before anything is uploaded, so a
         bad value raises ConfigurationError here instead of costing an upload and a 422."""
         library = {k: v for k, v in params.items() if k in option_specs(http=True)}
-        QuantizeOptions.for_request(calibration is not None or dataset_id is not None, **library)
+        has_calibration = calibration is not None or dataset_id is not None
+        options = QuantizeOptions.for_request(has_calibration, **library)
+        options.check_data(has_calibration, has_eval=eval is not None or eval_id is not None)
         data = dict(params)
-        data.update({"model_id": model_id, "dataset_id": dataset_id})
-        return self._post_files("/v1/quantize", {"model": model, "calibration": calibration}, data, idempotency_key)
+        data.update({"model_id": model_id, "dataset_id": dataset_id, "eval_id": eval_id})
+        files = {"model": model, "calibration": calibration, "eval": eval}
+        return self._post_files("/v1/quantize", files, data, idempotency_key)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}").json()

@@ -69,3 +69,17 @@ def test_target_on_held_out_text_with_trials_in_the_report(service, tiny_llama):
     if target["met"]:
         change = report["accuracy"]["perplexity_change_pct"]
         assert change <= 0.5 + 1e-6, report["accuracy"]
+
+
+def test_client_sends_overrides_and_eval_and_checks_data_first(paused_service, tiny_model_file, tmp_path):
+    from mono_quant.client import MonoQuantClient
+    from mono_quant.errors import ConfigurationError
+
+    client = MonoQuantClient(http=paused_service)
+    with pytest.raises(ConfigurationError, match="needs data to measure"):
+        client.submit(tiny_model_file, bits=4, max_accuracy_loss=0.01)  # refused before any upload
+    assert paused_service.get("/v1/jobs").json()["items"] == []
+    job = client.submit(tiny_model_file, bits=4, layer_overrides={"0": "int8", "2": "float"})
+    assert job["params"]["layer_overrides"] == ["0=int8", "2=float"]
+    again = client.submit(tiny_model_file, bits=4, layer_overrides=[("0", "int8")])
+    assert again["params"]["layer_overrides"] == ["0=int8"]
