@@ -16,18 +16,20 @@ import torch
 
 from mono_quant.errors import InputError
 
-__all__ = ["iter_calibration_batches", "run_batch", "count_batches"]
+__all__ = ["iter_calibration_batches", "run_batch", "count_batches", "batch_rows", "first_tensor", "slice_batch"]
 
 
-def _first_tensor(batch: Any) -> torch.Tensor | None:
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor of a batch (itself, a tuple's, a dict's), else None."""
     if isinstance(batch, torch.Tensor):
         return batch
     values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
-def _batch_size(batch: Any) -> int:
-    tensor = _first_tensor(batch)
+def batch_rows(batch: Any) -> int:
+    """Samples in a batch: dim 0 of its first tensor (InputError when it holds none)."""
+    tensor = first_tensor(batch)
     if tensor is None:
         raise InputError(
             f"calibration batch of type {type(batch).__name__} holds no tensor",
@@ -36,15 +38,21 @@ def _batch_size(batch: Any) -> int:
     return int(tensor.shape[0]) if tensor.dim() else 1
 
 
-def _truncate(batch: Any, rows: int) -> Any:
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` (along dim 0) of every tensor of a batch; other values as they are."""
+
     def cut(value):
-        return value[:rows] if isinstance(value, torch.Tensor) and value.dim() else value
+        return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() else value
 
     if isinstance(batch, torch.Tensor):
         return cut(batch)
     if isinstance(batch, dict):
         return {k: cut(v) for k, v in batch.items()}
     return type(batch)(cut(v) for v in batch)
+
+
+def _truncate(batch: Any, rows: int) -> Any:
+    return slice_batch(batch, 0, rows)
 
 
 def iter_calibration_batches(data: Any, max_samples: int, batch_size: int = 32) -> Iterator[tuple[Any, int]]:
@@ -64,7 +72,7 @@ def iter_calibration_batches(data: Any, max_samples: int, batch_size: int = 32) 
         batches: Any = (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
     elif isinstance(data, dict):
         # A dict of keyword inputs whose first dimension indexes samples: split like a tensor.
-        rows = _batch_size(data)
+        rows = batch_rows(data)
         batches = (
             {k: v[i : i + batch_size] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in data.items()}
             for i in range(0, rows, batch_size)
@@ -81,7 +89,7 @@ def iter_calibration_batches(data: Any, max_samples: int, batch_size: int = 32) 
     for batch in batches:
         if given >= max_samples:
             break
-        size = _batch_size(batch)
+        size = batch_rows(batch)
         if given + size > max_samples:
             batch, size = _truncate(batch, max_samples - given), max_samples - given
         given += size
@@ -101,7 +109,7 @@ def count_batches(data: Any, max_samples: int, batch_size: int = 32) -> int | No
     if isinstance(data, (list, tuple)):
         return len(data)
     if isinstance(data, dict):
-        return -(-min(_batch_size(data), max_samples) // batch_size)
+        return -(-min(batch_rows(data), max_samples) // batch_size)
     return None
 
 

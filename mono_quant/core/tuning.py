@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mono_quant.core.calibration import iter_calibration_batches
+from mono_quant.core.calibration import batch_rows, first_tensor, iter_calibration_batches, slice_batch
 from mono_quant.core.evaluation import Evaluator
 from mono_quant.core.options import Precision, QuantizeOptions, parse_precision
 from mono_quant.core.plan import (
@@ -113,7 +113,7 @@ def split_eval(batches: list[Any]) -> tuple[list[Any], list[Any]]:
         held = max(1, round(len(batches) * HELD_OUT_FRACTION))
         return batches[:-held], batches[-held:]
     batch = batches[0] if batches else None
-    rows = _rows(batch)
+    rows = batch_rows(batch) if batch is not None else 0
     if rows < 2:
         raise ConfigurationError(
             "max_accuracy_loss needs eval data, and the calibration data is one sample: nothing to hold out",
@@ -121,26 +121,7 @@ def split_eval(batches: list[Any]) -> tuple[list[Any], list[Any]]:
             "calibration samples (a quarter of them is then held out).",
         )
     held = max(1, round(rows * HELD_OUT_FRACTION))
-    return [_slice_rows(batch, 0, rows - held)], [_slice_rows(batch, rows - held, rows)]
-
-
-def _rows(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    first = next((v for v in values if isinstance(v, torch.Tensor) and v.dim()), None)
-    return 0 if first is None else int(first.shape[0])
-
-
-def _slice_rows(batch: Any, start: int, stop: int) -> Any:
-    def cut(value):
-        return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() else value
-
-    if isinstance(batch, dict):
-        return {k: cut(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(cut(v) for v in batch)
-    return cut(batch)
+    return [slice_batch(batch, 0, rows - held)], [slice_batch(batch, rows - held, rows)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,15 +431,12 @@ def _ranking_batch(batch: Any, elements: int = 0) -> Any:
     """The first rows of ``batch``, about ``elements`` input elements (default
     :data:`_RANKING_INPUT_ELEMENTS`)."""
     elements = elements or _RANKING_INPUT_ELEMENTS
-    rows = _rows(batch)
-    first = batch if isinstance(batch, torch.Tensor) else None
-    if first is None:
-        values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-        first = next((v for v in values if isinstance(v, torch.Tensor) and v.dim()), None)
-    if first is None or rows < 2:
+    first = first_tensor(batch)
+    if first is None or first.dim() == 0 or first.shape[0] < 2:
         return batch
+    rows = int(first.shape[0])
     per_row = max(first[0].numel(), 1)
-    return _slice_rows(batch, 0, max(1, min(rows, elements // per_row)))
+    return slice_batch(batch, 0, max(1, min(rows, elements // per_row)))
 
 
 def _pattern(name: str) -> str:
