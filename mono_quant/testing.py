@@ -207,6 +207,24 @@ def load_smollm2():
     return model.eval(), tokenizer
 
 
+def tiny_llama(vocab_size: int = 128, seed: int = 0, **config):
+    """A randomly initialised 2-layer Llama (hidden 64, 4 heads, 2 KV heads, tied embeddings
+    unless ``config`` says otherwise), in eval mode: the small causal LM of the tests."""
+    import transformers
+
+    values = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        **config,
+    }
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab_size, **values)).eval()
+
+
 def token_windows(tokenizer, text: str, window: int = 512, max_windows: int | None = None) -> torch.Tensor:
     """``[n, window]`` token ids: ``text`` tokenized once and cut into full windows."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]

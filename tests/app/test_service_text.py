@@ -34,24 +34,10 @@ def _zip(folder: Path, archive: Path, names=None) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """A zipped 2-layer Llama folder: sharded safetensors (index + 2+ shards), tied embeddings,
     MiniLM's tokenizer files."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mono_quant.testing import minilm_dir
+    from mono_quant.testing import minilm_dir, tiny_llama
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(folder, max_shard_size="3MB")
+    tiny_llama(vocab_size=30522, max_position_embeddings=256).save_pretrained(folder, max_shard_size="3MB")
     for name in _TOKENIZER_FILES:
         shutil.copy(minilm_dir() / name, folder / name)
     assert (folder / "model.safetensors.index.json").is_file()

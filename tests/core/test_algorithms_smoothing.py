@@ -23,17 +23,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(kv_heads: int) -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    from mono_quant.testing import tiny_llama as build
+
+    model = build(vocab_size=97, num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=False)
     with torch.no_grad():  # trained-looking norms (random init leaves them at 1) and outlier channels
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):

@@ -257,18 +257,10 @@ def test_split_eval():
 
 
 def test_perplexity_is_the_metric_of_causal_lms():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    from mono_quant.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=128)
     ids = torch.randint(0, 128, (4, 32))
     evaluator = Evaluator(model, [ids[:2], {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}])
     assert evaluator.metric == "perplexity" and evaluator.baseline > 1

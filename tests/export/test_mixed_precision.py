@@ -54,18 +54,10 @@ VOCAB = 258  # 256 byte tokens + 2 merges (llama.cpp's BPE vocabulary needs merg
 # -- the tiny model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
-        initializer_range=0.2,  # peaked outputs: random-init logits are otherwise nearly flat
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    from mono_quant.testing import tiny_llama
+
+    # initializer_range: peaked outputs (random-init logits are otherwise nearly flat)
+    return tiny_llama(vocab_size=VOCAB, initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
