@@ -63,7 +63,7 @@ from mono_quant.core.plan import (
 )
 from mono_quant.core.progress import Progress
 from mono_quant.core.quantizers import PreparedRun, QuantizationInfo, build_layer, build_run, prepare_run
-from mono_quant.errors import ConfigurationError, MonoQuantError
+from mono_quant.errors import ConfigurationError
 
 __all__ = ["quantize_to_target", "ladder", "split_eval", "Move", "HELD_OUT_FRACTION", "MAX_FLOAT_FRACTION"]
 
@@ -526,27 +526,25 @@ def quantize_to_target(
 
     moves: list[Move] = []
     if trial(0, moves) > target and budget_left():
+        fixed = [pattern for pattern, _, _ in compile_overrides(options)]  # the caller's own overrides
         candidates = [
             name
             for name, d in plan.layers.items()
             if d.config is not None
             and d.kind in ("linear", "embedding", "conv1d", "conv2d")
-            and not _matches_user(name, options)
+            and not any(pattern.fullmatch(name) for pattern in fixed)
         ]
         ranking = [_ranking_batch((batches or eval_batches)[0])]
         if not batches:
             notes.append("layers ranked on the eval data (no calibration_data given)")
-        try:
-            all_rungs, siblings, base_layers = _measure_rungs(prepared, plan, candidates, ranking, progress)
-            units = _units(all_rungs, siblings)
-            sensitivity = _ranking_batch((batches or eval_batches)[0], _SENSITIVITY_INPUT_ELEMENTS)
-            if not _output_sensitivity(prepared, units, base_layers, sensitivity, progress):
-                notes.append("moves ranked by local layer errors only (per-unit output sensitivity would be too slow)")
-            del base_layers
-            moves = _order_moves(units)
-            moves = _cap_float(moves, {name: model.get_submodule(name).weight.numel() for name in candidates})
-        except MonoQuantError:
-            raise
+        all_rungs, siblings, base_layers = _measure_rungs(prepared, plan, candidates, ranking, progress)
+        units = _units(all_rungs, siblings)
+        sensitivity = _ranking_batch((batches or eval_batches)[0], _SENSITIVITY_INPUT_ELEMENTS)
+        if not _output_sensitivity(prepared, units, base_layers, sensitivity, progress):
+            notes.append("moves ranked by local layer errors only (per-unit output sensitivity would be too slow)")
+        del base_layers
+        moves = _order_moves(units)
+        moves = _cap_float(moves, {name: model.get_submodule(name).weight.numel() for name in candidates})
         low, high = 0, None  # moves applied: low misses the target, high meets it
         count = max(1, math.ceil(len(moves) / 32))
         while moves and budget_left():
@@ -600,7 +598,3 @@ def _better(loss: float, count: int, best: tuple | None, target: float) -> bool:
     if loss <= target:
         return best_loss > target or count < best_count
     return best_loss > target and loss < best_loss
-
-
-def _matches_user(name: str, options: QuantizeOptions) -> bool:
-    return any(pattern.fullmatch(name) for pattern, _, _ in compile_overrides(options))
