@@ -1,9 +1,10 @@
 """Accuracy on all-MiniLM-L6-v2 through the library (real kernels): sentence-embedding cosine
 vs fp32 and per-layer weight SQNR, ours and the peers side by side.
 
-Ours: int8 dynamic (data-free; with SmoothQuant from random token ids; with SmoothQuant from
-calibration sentences), int8 weight-only, int8 static with each registered observer, int4
-group 32 / 128 (RTN, HQQ, GPTQ), fp16. Peers, each skipped with a JSON line when its package
+Ours: int8 dynamic (unsmoothed; the data-free default, SmoothQuant from random token ids; with
+calibration sentences: an alpha per group, and with GPTQ-rounded weights), int8 weight-only,
+int8 static with each registered observer, int4 group 32 / 128 (round-to-nearest, the data-free
+default HQQ weighted by random-token statistics, GPTQ), fp16. Peers, each skipped with a JSON line when its package
 is missing or fails here: ``torch.ao.quantization.quantize_dynamic``, torchao int8 dynamic
 (``Int8DynamicActivationInt8WeightConfig``) and int4 weight-only (``Int4WeightOnlyConfig``
 needs a GPU / mslk kernel: on CPU ``IntxWeightOnlyConfig(int4, PerGroup(128))``), optimum-quanto
@@ -17,7 +18,7 @@ smoothing, GPTQ, quanto's activations) on the 64 different sentences of
 variants): ``bench/accuracy_algorithms.py``.
 
 Usage: ``python bench/accuracy.py [--quick]``  (``--quick``: 16 sentences, minmax observer only,
-no HQQ / GPTQ, no optimum-quanto)
+no GPTQ, no optimum-quanto)
 """
 
 from __future__ import annotations
@@ -66,15 +67,14 @@ def build(mode: str, model: nn.Module, calibration: dict) -> nn.Module:
         return torch_quantize_dynamic(model)
     if mode.startswith(("torchao_", "quanto_")):
         return build_peer(mode, model, calibration)
-    if mode == "ours_int8_dynamic":
+    if mode == "ours_int8_dynamic_unsmoothed":
+        return our_quantize(model, bits=8, smoothing=0)[0]
+    if mode == "ours_int8_dynamic":  # the data-free default: SmoothQuant from random token ids
         return our_quantize(model, bits=8)[0]
-    if mode == "ours_int8_dynamic_smooth_synthetic":  # data-free: SmoothQuant from random token ids
-        from mono_quant.core.algorithms import synthetic_token_batches
-
-        batches = synthetic_token_batches(model)
-        return mono_quant.quantize(model, bits=8, dynamic=True, calibration_data=batches).model
-    if mode == "ours_int8_dynamic_smooth_calibrated":
+    if mode == "ours_int8_dynamic_calibrated":  # SmoothQuant, an alpha per group chosen on the sentences
         return mono_quant.quantize(model, bits=8, dynamic=True, calibration_data=[calibration]).model
+    if mode == "ours_int8_dynamic_gptq_calibrated":  # the same + GPTQ-rounded int8 weights
+        return mono_quant.quantize(model, bits=8, dynamic=True, method="gptq", calibration_data=[calibration]).model
     if mode == "ours_int8_weight_only":
         return our_quantize(model, bits=8, weight_only=True)[0]
     if mode.startswith("ours_int4_g"):
@@ -83,10 +83,8 @@ def build(mode: str, model: nn.Module, calibration: dict) -> nn.Module:
             return mono_quant.quantize(
                 model, bits=4, group_size=int(group), method="gptq", calibration_data=[calibration]
             ).model
-        if method == "hqq":
-            return mono_quant.quantize(model, bits=4, group_size=int(group), method="hqq").model
-        extra = {"clip_search_steps": 0} if method == "minmax" else {}
-        return our_quantize(model, bits=4, group_size=int(group), **extra)[0]
+        # "" = the data-free default (HQQ weighted by random-token statistics); "rtn": plain min/max
+        return our_quantize(model, bits=4, group_size=int(group), **({"method": method} if method else {}))[0]
     if mode == "ours_fp16":
         return our_quantize(model, bits=16)[0]
     if mode.startswith("ours_int8_static_"):
@@ -161,13 +159,15 @@ def main() -> None:
     calibration = tokenize(tokenizer, CALIBRATION_SENTENCES[:16] if args.quick else CALIBRATION_SENTENCES)
     reference = embed(model, batch)
     modes = [
+        "ours_int8_dynamic_unsmoothed",
         "ours_int8_dynamic",
-        "ours_int8_dynamic_smooth_synthetic",
-        "ours_int8_dynamic_smooth_calibrated",
+        "ours_int8_dynamic_calibrated",
+        *([] if args.quick else ["ours_int8_dynamic_gptq_calibrated"]),
         "ours_int8_weight_only",
         *[f"ours_int8_static_{name}" for name in observers],
-        *(["ours_int4_g128_minmax"] if args.quick else ["ours_int4_g32", "ours_int4_g128"]),
-        *([] if args.quick else ["ours_int4_g128_hqq", "ours_int4_g128_gptq"]),
+        "ours_int4_g128_rtn",
+        "ours_int4_g128",
+        *([] if args.quick else ["ours_int4_g32_rtn", "ours_int4_g128_gptq"]),
         "ours_fp16",
         *peer_modes(args.quick),
     ]

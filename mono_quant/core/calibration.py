@@ -14,9 +14,17 @@ from typing import Any
 
 import torch
 
-from mono_quant.errors import InputError
+from mono_quant.errors import InputError, MonoQuantError
 
-__all__ = ["iter_calibration_batches", "run_batch", "count_batches", "batch_rows", "first_tensor", "slice_batch"]
+__all__ = [
+    "iter_calibration_batches",
+    "run_batch",
+    "run_calibration_batch",
+    "count_batches",
+    "batch_rows",
+    "first_tensor",
+    "slice_batch",
+]
 
 
 def first_tensor(batch: Any) -> torch.Tensor | None:
@@ -129,3 +137,18 @@ def run_batch(model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
         f"calibration batch of type {type(batch).__name__} is not supported",
         suggestion="Give batches as tensors, tuples of tensors or dicts of tensors.",
     )
+
+
+def run_calibration_batch(model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
+    """:func:`run_batch` for data the caller gave: a model that fails on it raises InputError
+    (what the batch must look like), not the model's own exception."""
+    try:
+        return run_batch(model, batch, device)
+    except MonoQuantError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"the model failed on a calibration batch: {type(exc).__name__}: {exc}",
+            suggestion="Calibration batches must be valid model inputs: a tensor is passed as model(x), a tuple as "
+            "model(*batch), a dict as model(**batch).",
+        ) from exc

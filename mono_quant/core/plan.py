@@ -237,6 +237,7 @@ class QuantizationPlan:
     options: QuantizeOptions
     layers: dict[str, LayerDecision] = field(default_factory=dict)
     ties: dict[str, list[str]] = field(default_factory=dict)  # first member -> all members
+    statistics: str | None = None  # where the run's input statistics come from (see decide())
 
     @property
     def selected(self) -> list[str]:
@@ -327,6 +328,7 @@ def decide(
     include: Iterable | None = None,
     exclude: Iterable | None = None,
     overrides: Iterable | None = None,
+    statistics: str | None = None,
 ) -> LayerDecision:
     """The decision for one layer: ``kind`` from :data:`LAYER_CLASSES`, ``shape`` of its weight
     (``[out, in]`` for Linear, ``[num, dim]`` for Embedding, ``[out, in, k...]`` for conv).
@@ -334,7 +336,9 @@ def decide(
     ``include`` / ``exclude`` / ``overrides`` are the compiled patterns (compiled once per plan).
     A ``layer_overrides`` entry matching the layer replaces the run's precision (and the
     embedding / head policies) for it; what the layer kind cannot take still applies (int8 for
-    convolutions, RNNs and odd widths, float activations for tables and heads)."""
+    convolutions, RNNs and odd widths, float activations for tables and heads). ``statistics``:
+    where the run's input statistics come from ("calibration data", "random tokens" or None),
+    which decides the default rounding method (``QuantizeOptions.layer_method``)."""
     include = tuple(include if include is not None else (compile_pattern(p) for p in options.include))
     exclude = tuple(exclude if exclude is not None else (compile_pattern(p) for p in options.exclude))
     overrides = tuple(overrides if overrides is not None else compile_overrides(options))
@@ -393,7 +397,7 @@ def decide(
     if override is not None and bits == 4 and options.bits != 4:
         symmetric = options.scheme == "symmetric"
     # GPTQ / HQQ round Linear weights; tables, convolutions and RNNs keep round-to-nearest.
-    method = options.effective_method if kind == "linear" else "rtn"
+    method = options.layer_method(bits, statistics, output_head) if kind == "linear" else "rtn"
     config = LayerQuantConfig(
         bits=bits,
         symmetric=symmetric,
@@ -401,7 +405,7 @@ def decide(
         activation=activation,
         activation_symmetric=options.activation_symmetric,
         per_channel=options.effective_per_channel or bits == 4,
-        clip_search_steps=options.effective_clip_search_steps if bits == 4 or method == "gptq" else 0,
+        clip_search_steps=options.clip_search_steps_for(method) if bits == 4 or method == "gptq" else 0,
         method=method,
         float_zero_point=method == "hqq" and not symmetric,
     )
@@ -415,8 +419,9 @@ def _weight_of(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, "weight_ih_l0", None)  # LSTM / GRU
 
 
-def plan_module(model: nn.Module, options: QuantizeOptions) -> QuantizationPlan:
-    """The plan for an ``nn.Module``: every layer of a kind we quantize, in model order."""
+def plan_module(model: nn.Module, options: QuantizeOptions, statistics: str | None = None) -> QuantizationPlan:
+    """The plan for an ``nn.Module``: every layer of a kind we quantize, in model order.
+    ``statistics``: where the run's input statistics come from, as :func:`decide` takes it."""
     include = tuple(compile_pattern(p) for p in options.include)
     exclude = tuple(compile_pattern(p) for p in options.exclude)
     overrides = compile_overrides(options)
@@ -434,7 +439,7 @@ def plan_module(model: nn.Module, options: QuantizeOptions) -> QuantizationPlan:
     ties = {group[0]: group for group in users.values() if len(group) > 1}
     tie_of = {member: first for first, group in ties.items() for member in group}
     output_heads = _output_heads(model)
-    plan = QuantizationPlan(options=options, ties=ties)
+    plan = QuantizationPlan(options=options, ties=ties, statistics=statistics)
     for name, kind, module in candidates:
         weight = _weight_of(module)
         shape = tuple(weight.shape) if weight is not None else ()
@@ -450,6 +455,7 @@ def plan_module(model: nn.Module, options: QuantizeOptions) -> QuantizationPlan:
             include=include,
             exclude=exclude,
             overrides=overrides,
+            statistics=statistics,
         )
         if name in tie_of:
             decision = LayerDecision(**{**decision.__dict__, "tie": tie_of[name]})

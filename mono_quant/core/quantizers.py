@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mono_quant.core.algorithms.hqq import hqq_quantize_weight
-from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_batch
+from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_calibration_batch
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
 from mono_quant.core.options import QuantizeOptions
@@ -53,6 +53,8 @@ __all__ = [
     "PreparedRun",
     "prepare_run",
     "build_run",
+    "statistics_batches",
+    "statistics_source",
 ]
 
 
@@ -184,13 +186,28 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def weight_tensors_for(weight: torch.Tensor, config: LayerQuantConfig) -> dict[str, torch.Tensor]:
-    """A weight in the stored layout, rounded by ``config.method``'s data-free algorithm:
-    round-to-nearest (with the clip search), or HQQ. GPTQ needs data: its tensors come from
-    :func:`quantize_planned`."""
+# HQQ given each input feature's importance: the (min, max) range search and the scale refit
+# with the zero point (measured on MiniLM int4 g128 from random-token statistics: 0.9777; the
+# zero-point-only refit of upstream, unweighted: 0.9610). See core/algorithms/hqq.py.
+_WEIGHTED_HQQ = {"refine_scale": True, "range_search_steps": 7}
+
+
+def weight_tensors_for(
+    weight: torch.Tensor, config: LayerQuantConfig, column_weights: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A weight in the stored layout, rounded by ``config.method``'s algorithm without a
+    Hessian: round-to-nearest (with the clip search), or HQQ, weighted by ``column_weights``
+    (each input feature's mean square, when the run measured them). GPTQ's tensors come from
+    :func:`build_run`."""
     if config.method == "hqq":
+        extra = _WEIGHTED_HQQ if column_weights is not None else {}
         qt = hqq_quantize_weight(
-            weight.detach(), config.weight_spec, config.group_size, init_clip_search_steps=config.clip_search_steps
+            weight.detach(),
+            config.weight_spec,
+            config.group_size,
+            init_clip_search_steps=config.clip_search_steps,
+            column_weights=column_weights,
+            **extra,
         )
         return stored_weight_tensors(qt, config)
     return quantize_weight_tensors(weight, config)
@@ -207,12 +224,14 @@ def build_layer(
     input_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     weight_tensors: dict[str, torch.Tensor] | None = None,
     input_smoothing: torch.Tensor | None = None,
+    column_weights: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor] | None, str | None]:
     """The quantized form of one float layer: ``(layer, its weight tensors, note)``.
 
     A static layer without calibrated ``input_qparams`` becomes weight-only (the note says
     so). A Linear whose weight was smoothed (``input_smoothing``, the SmoothQuant scale the
     working copy divides its input by) divides its own input, whatever its activation mode.
+    ``column_weights``: the input features' mean squares HQQ weighs its rounding by.
     Raises QuantizationError for a module no quantized layer takes."""
     cls = quantized_class_for(module)
     if cls is None:
@@ -227,7 +246,9 @@ def build_layer(
             extra["input_qparams"] = input_qparams
     tensors = None
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        tensors = weight_tensors if weight_tensors is not None else weight_tensors_for(module.weight, config)
+        if weight_tensors is None:
+            weight_tensors = weight_tensors_for(module.weight, config, column_weights)
+        tensors = weight_tensors
         extra["weight_tensors"] = tensors
     if input_smoothing is not None and isinstance(module, nn.Linear):
         config = dataclasses.replace(config, smoothed_input=True)
@@ -251,6 +272,7 @@ def quantize_layers(
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     weight_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     input_smoothing: dict[str, torch.Tensor] | None = None,
+    column_weights: dict[str, torch.Tensor] | None = None,
     progress: Progress | None = None,
     info: QuantizationInfo | None = None,
     weight_cache: dict | None = None,
@@ -259,7 +281,8 @@ def quantize_layers(
 
     ``input_qparams`` (static mode) maps layer names to calibrated activation qparams; a static
     layer without an entry falls back to weight-only with a warning. ``weight_tensors`` maps
-    layer names to weights already in the stored layout (chosen by GPTQ / HQQ). A tie group
+    layer names to weights already in the stored layout (chosen by GPTQ), ``column_weights``
+    to the input statistics HQQ weighs each layer's rounding by. A tie group
     whose members get the same weight config is quantized once and its tensors shared.
     ``weight_cache`` (the accuracy-target search's, across trials) keeps the HQQ / GPTQ tensors
     of each (layer, weight config), so a trial recomputes only the layers whose config changed.
@@ -299,6 +322,7 @@ def quantize_layers(
                 input_qparams=(input_qparams or {}).get(name),
                 weight_tensors=tensors,
                 input_smoothing=(input_smoothing or {}).get(name),
+                column_weights=(column_weights or {}).get(name),
             )
             if note:
                 warnings.append(f"{name}: {note}")
@@ -491,16 +515,50 @@ def quantize_planned(
         from mono_quant.core.tuning import quantize_to_target
 
         return quantize_to_target(model, options, batches, eval_data, progress)
-    plan = plan_module(model, options)
-    prepared = prepare_run(model, plan, batches, progress)
+    statistics = statistics_batches(model, options, batches)
+    plan = plan_module(model, options, statistics=statistics_source(statistics, batches))
+    prepared = prepare_run(model, plan, batches, progress, statistics)
     return build_run(prepared, plan, progress)
+
+
+def statistics_source(statistics: list | None, batches: list | None) -> str | None:
+    """What :func:`statistics_batches` returned, in words: "calibration data", "random tokens" or None."""
+    if statistics is None:
+        return None
+    return "calibration data" if statistics is batches else "random tokens"
+
+
+def statistics_batches(model: nn.Module, options: QuantizeOptions, batches: list | None) -> list | None:
+    """What this run measures input statistics on (SmoothQuant's activation maxima, the input
+    mean squares weighted HQQ rounds by): the calibration batches; without them, for a model
+    with a token embedding, random token ids (``algorithms.synthetic_token_batches``:
+    per-channel statistics of a transformer come mostly from its weights, not its text); else
+    None. Raises ConfigurationError for ``smoothing`` asked for with nothing to measure on."""
+    from mono_quant.core.algorithms import synthetic_token_batches
+
+    if batches is not None:
+        return batches
+    wanted = options.effective_smoothing(True) is not None or options.uses_importance()
+    if not wanted:
+        return None
+    try:
+        return synthetic_token_batches(model)
+    except InputError:  # no token embedding
+        if options.smoothing:
+            raise ConfigurationError(
+                f"smoothing={options.smoothing} needs activations to measure, and there is no calibration data "
+                f"and no token embedding ({type(model).__name__}) to draw random tokens from",
+                suggestion="Give calibration_data (a few batches of real inputs), or drop smoothing.",
+            ) from None
+        return None
 
 
 @dataclass
 class PreparedRun:
     """What a run computes from its data once, whatever each layer's precision ends up being:
     the model to quantize from (the caller's, or a smoothed working copy), the calibration
-    batches, SmoothQuant's input scales, static activation qparams, and the info so far."""
+    batches, SmoothQuant's input scales, static activation qparams, HQQ's input statistics,
+    and the info so far."""
 
     model: nn.Module
     source: nn.Module
@@ -508,16 +566,51 @@ class PreparedRun:
     input_smoothing: dict[str, torch.Tensor]
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     info: QuantizationInfo
+    column_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def prepare_run(model: nn.Module, plan: QuantizationPlan, batches: list | None, progress: Progress) -> PreparedRun:
-    """Smoothing and static calibration for ``plan`` (see :func:`build_run`)."""
+def prepare_run(
+    model: nn.Module,
+    plan: QuantizationPlan,
+    batches: list | None,
+    progress: Progress,
+    statistics: list | None = None,
+) -> PreparedRun:
+    """Smoothing, HQQ's input statistics and static calibration for ``plan`` (see
+    :func:`build_run`). ``batches``: the calibration data; ``statistics``: what activations
+    are measured on (:func:`statistics_batches`: the calibration data, the default, or random
+    tokens)."""
     options = plan.options
+    statistics = batches if statistics is None else statistics
     info = QuantizationInfo(dtype=options.quantized_dtype, mode=mode_name(options))
-    source, input_smoothing = model, {}
-    alpha = options.effective_smoothing(batches is not None)
-    if alpha is not None:
-        source, input_smoothing = _smooth(model, plan, batches, alpha, info)
+    if statistics is not None:
+        info.metrics["statistics"] = {"source": statistics_source(statistics, batches), "batches": len(statistics)}
+    source, input_smoothing, column_weights = model, {}, {}
+    alpha = options.effective_smoothing(statistics is not None)
+    try:
+        if alpha is not None:
+            per_group = options.smoothing_per_group(batches is not None)
+            source, input_smoothing = _smooth(model, plan, statistics, alpha, info, per_group)
+        if statistics is not None:
+            column_weights = _input_importance(source, plan, statistics, info)
+    except (RuntimeError, ValueError, TypeError, IndexError, MonoQuantError) as exc:
+        if statistics is batches:
+            raise
+        # random tokens are a guess at what the model takes (input_ids, attention_mask): a model
+        # that needs more (an encoder-decoder's decoder inputs) runs without the statistics
+        if options.smoothing:
+            raise ConfigurationError(
+                f"smoothing={options.smoothing} needs activations, and the model did not run on random token ids "
+                f"({type(exc).__name__}: {exc})",
+                suggestion="Give calibration_data in the form the model's forward takes, or drop smoothing.",
+            ) from exc
+        info.warnings.append(
+            f"the model did not run on random token ids ({type(exc).__name__}: {exc}): quantized without "
+            "data-free statistics (no smoothing, unweighted HQQ); give calibration_data to use them"
+        )
+        info.metrics.pop("statistics", None)
+        info.metrics.pop("smoothing", None)
+        source, input_smoothing, column_weights = model, {}, {}
     input_qparams = None
     if options.is_static:
         if options.effective_observer not in OBSERVERS:
@@ -536,7 +629,7 @@ def prepare_run(model: nn.Module, plan: QuantizationPlan, batches: list | None, 
         input_qparams = {name: obs.calculate_qparams(spec) for name, obs in observers.items() if obs.batches_seen}
         info.observer_type = options.effective_observer
         info.calibration_samples_used = samples
-    return PreparedRun(model, source, batches, input_smoothing, input_qparams, info)
+    return PreparedRun(model, source, batches, input_smoothing, input_qparams, info, column_weights)
 
 
 def build_run(
@@ -553,7 +646,7 @@ def build_run(
         layer_overrides=dict(plan.options.layer_overrides or ()),
     )
     weight_tensors = None
-    if plan.options.effective_method == "gptq":
+    if any(d.config is not None and d.config.method == "gptq" for d in plan.layers.values()):
         weight_tensors = _gptq(prepared.source, plan, prepared.batches, progress, info, weight_cache)
     quantized, info = quantize_layers(
         prepared.source,
@@ -561,6 +654,7 @@ def build_run(
         input_qparams=prepared.input_qparams,
         weight_tensors=weight_tensors,
         input_smoothing=prepared.input_smoothing,
+        column_weights=prepared.column_weights,
         progress=progress,
         info=info,
         weight_cache=weight_cache,
@@ -570,10 +664,31 @@ def build_run(
     return quantized, info
 
 
-def _smooth(model, plan, batches, alpha, info):
+def _input_importance(model, plan, batches, info) -> dict[str, torch.Tensor]:
+    """``{name: mean square of each input feature}`` of the Linears HQQ rounds, measured on
+    ``batches``; a Linear that never ran gets none (unweighted HQQ), with a note."""
+    from mono_quant.core.algorithms import collect_input_mean_squares
+
+    names = [d.name for d in plan.layers.values() if d.config is not None and d.config.method == "hqq"]
+    if not names:
+        return {}
+    with torch.inference_mode(False), torch.no_grad():
+        importance = collect_input_mean_squares(model, batches, names, strict=False)
+    unseen = [name for name in names if name not in importance]
+    if unseen:
+        info.warnings.append(
+            f"{len(unseen)} Linear(s) never ran on the statistics inputs (e.g. {unseen[0]!r}): HQQ rounds them "
+            "unweighted"
+        )
+    return importance
+
+
+def _smooth(model, plan, batches, alpha, info, per_group=False):
     """SmoothQuant on a working copy (the caller's model is never modified): scales folded into
-    norms / value projections where free, else returned as input scales of the Linears."""
-    from mono_quant.core.algorithms import apply_smoothing, collect_activation_absmax, smoothing_plan
+    norms / value projections where free, else returned as input scales of the Linears.
+    ``per_group``: each group takes the alpha with the lowest int8 output error on samples of
+    its activations. A Linear that never ran on ``batches`` is left unsmoothed, with a note."""
+    from mono_quant.core.algorithms import apply_smoothing, collect_smoothing_statistics, smoothing_plan
 
     # A tied weight (lm_head = embed_tokens) is never smoothed: scaling its columns would scale
     # the embedding table it shares.
@@ -585,14 +700,26 @@ def _smooth(model, plan, batches, alpha, info):
     with torch.inference_mode(False), torch.no_grad():
         # copied here, not under a caller's inference_mode: the copy's weights are scaled in place
         work = copy.deepcopy(model)
-        absmax = collect_activation_absmax(work, batches, names)
-        input_scales = apply_smoothing(work, smoothing_plan(work, absmax, alpha))
+        absmax, samples = collect_smoothing_statistics(work, batches, names, samples=per_group, strict=False)
+        groups = smoothing_plan(work, absmax, alpha, samples)
+        input_scales = apply_smoothing(work, groups)
+    unseen = [name for name in names if name not in absmax]
+    if unseen:
+        info.warnings.append(
+            f"{len(unseen)} Linear(s) never ran on the smoothing inputs (e.g. {unseen[0]!r}): not smoothed"
+        )
     # The copy must stay the float model it was (static calibration and GPTQ run it): a Linear
     # whose weight became W * s divides its input by s, as its quantized form will.
     modules = dict(work.named_modules())
     for name, scale in input_scales.items():
         modules[name].register_forward_pre_hook(_DivideInput(scale))
-    info.metrics["smoothing"] = {"alpha": alpha, "layers": len(absmax), "input_scales": len(input_scales)}
+    info.metrics["smoothing"] = {
+        "alpha": alpha,  # per_group: the base candidate; each group took the best of AUTO_ALPHA_CANDIDATES
+        "per_group": per_group,
+        "requested": plan.options.smoothing is not None,
+        "layers": sum(len(group.linears) for group in groups),
+        "input_scales": len(input_scales),
+    }
     return work, input_scales
 
 
@@ -675,16 +802,7 @@ def _calibrate(
         batches = iter_calibration_batches(calibration_data, max_samples, batch_size)
         total = count_batches(calibration_data, max_samples, batch_size)
         for batch, size in progress.track(batches, "calibrate", total=total):
-            try:
-                run_batch(model, batch, device)
-            except MonoQuantError:
-                raise
-            except Exception as exc:
-                raise InputError(
-                    f"the model failed on a calibration batch: {type(exc).__name__}: {exc}",
-                    suggestion="Calibration batches must be valid model inputs: a tensor is "
-                    "passed as model(x), a tuple as model(*batch), a dict as model(**batch).",
-                ) from exc
+            run_calibration_batch(model, batch, device)
             samples += size
     finally:
         for handle in handles:

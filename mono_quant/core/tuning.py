@@ -62,7 +62,15 @@ from mono_quant.core.plan import (
     weight_layout,
 )
 from mono_quant.core.progress import Progress
-from mono_quant.core.quantizers import PreparedRun, QuantizationInfo, build_layer, build_run, prepare_run
+from mono_quant.core.quantizers import (
+    PreparedRun,
+    QuantizationInfo,
+    build_layer,
+    build_run,
+    prepare_run,
+    statistics_batches,
+    statistics_source,
+)
 from mono_quant.errors import ConfigurationError
 
 __all__ = ["quantize_to_target", "ladder", "split_eval", "Move", "HELD_OUT_FRACTION", "MAX_FLOAT_FRACTION"]
@@ -170,6 +178,7 @@ def _rungs(plan: QuantizationPlan, model: nn.Module, name: str) -> list[_Rung]:
             step_options,
             output_head=base.output_head,
             overrides=compile_overrides(step_options),
+            statistics=plan.statistics,
         )
         reached = precision_of(decision, options)
         if reached == rungs[-1].precision or reached != precision:
@@ -269,6 +278,7 @@ def _measure_rungs(
                             rung.decision.config,
                             input_qparams=(prepared.input_qparams or {}).get(name),
                             input_smoothing=prepared.input_smoothing.get(name),
+                            column_weights=prepared.column_weights.get(name),
                         )
                     built.append((rung, layer))
                 layers[name] = built
@@ -484,8 +494,10 @@ def quantize_to_target(
             "which is then held out for evaluation.",
         )
     user_overrides = dict(options.layer_overrides or ())
-    plan = plan_module(model, options)
-    prepared = prepare_run(model, plan, batches if options.uses_calibration() and batches else None, progress)
+    calibration = batches if options.uses_calibration() and batches else None
+    statistics = statistics_batches(model, options, calibration)
+    plan = plan_module(model, options, statistics=statistics_source(statistics, calibration))
+    prepared = prepare_run(model, plan, calibration, progress, statistics)
     evaluator = Evaluator(model, eval_batches)
     cache: dict = {}
     trials: list[dict[str, Any]] = []
@@ -496,7 +508,7 @@ def quantize_to_target(
         trial_started = time.perf_counter()
         overrides = {**_overrides_after(moves, count), **user_overrides}
         trial_options = dataclasses.replace(options, layer_overrides=tuple(overrides.items()) or None)
-        trial_plan = plan_module(model, trial_options)
+        trial_plan = plan_module(model, trial_options, statistics=plan.statistics)
         quantized, info = build_run(prepared, trial_plan, Progress(), weight_cache=cache)
         value = evaluator.value(quantized)
         loss = evaluator.loss_of(value)

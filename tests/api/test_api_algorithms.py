@@ -47,11 +47,13 @@ def test_smoothing_helps_dynamic_int8_with_an_outlier_channel(tmp_path):
     model, calibration, held_out = _correlated_mlp(1)
     plain = quantize(model, bits=8, dynamic=True)
     smoothed = quantize(model, bits=8, dynamic=True, calibration_data=calibration)
-    assert smoothed.info.metrics["smoothing"]["alpha"] == 0.5
+    assert smoothed.info.metrics["smoothing"]["per_group"]  # real data: each group's best alpha
+    assert "smoothing" not in plain.info.metrics  # no data, no token embedding: nothing to measure
     assert smoothed.model[0].config.smoothed_input  # no norm before it: an input scale
     assert _error_db(model, smoothed.model, held_out) > _error_db(model, plain.model, held_out) + 1.0
-    with pytest.raises(ConfigurationError, match="does not use it"):  # smoothing=0: the data has no use
-        quantize(model, bits=8, dynamic=True, calibration_data=calibration, smoothing=0)
+    assert smoothed.model[0].config.method == "gptq"  # calibration data: GPTQ-rounded int8 weights too
+    with pytest.raises(ConfigurationError, match="does not use it"):  # neither smoothing nor GPTQ: no use
+        quantize(model, bits=8, dynamic=True, calibration_data=calibration, smoothing=0, method="rtn")
     restored = load_quantized(smoothed.save(tmp_path / "s.safetensors"), _correlated_mlp(1)[0])
     with torch.inference_mode():
         assert torch.equal(restored(held_out), smoothed.model(held_out))
@@ -82,11 +84,12 @@ def test_hqq_is_data_free_and_works_on_modules_state_dicts_and_files(tmp_path):
     "kwargs, error, match",
     [
         ({"bits": 4, "method": "gptq"}, ConfigurationError, "method='gptq' needs calibration data"),
-        ({"bits": 4, "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not use it"),
+        ({"bits": 4, "method": "rtn", "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not use"),
         ({"bits": 8, "weight_only": True, "calibration_data": torch.randn(4, 256)}, ConfigurationError, "does not"),
         ({"bits": 8, "weight_only": True, "smoothing": 0.5}, ConfigurationError, "smoothing=0.5 is not used"),
         ({"bits": 8, "dynamic": True, "smoothing": 1.5}, ConfigurationError, "smoothing must be a number in"),
         ({"bits": 4, "method": "awq"}, ConfigurationError, "method='awq' is not supported"),
+        ({"bits": 8, "dynamic": True, "smoothing": 0.5}, ConfigurationError, "no token embedding"),
     ],
     ids=[
         "gptq-without-data",
@@ -95,6 +98,7 @@ def test_hqq_is_data_free_and_works_on_modules_state_dicts_and_files(tmp_path):
         "smoothing-weight-only",
         "alpha-1.5",
         "awq",
+        "smoothing-without-anything-to-measure",
     ],
 )
 def test_options_the_mode_cannot_use_are_refused(kwargs, error, match):
@@ -108,3 +112,49 @@ def test_gptq_needs_a_model_it_can_run():
     model, calibration, _ = _correlated_mlp()
     with pytest.raises(InputError, match="has no forward"):
         quantize(model.state_dict(), bits=4, method="gptq", calibration_data=calibration)
+
+
+def test_int4_default_rounding_follows_the_data():
+    """int4's default rounding: GPTQ with calibration data; HQQ weighted by each input feature's
+    mean square on random tokens for a model with a token embedding (below); round-to-nearest
+    when there is nothing to measure on (HQQ unweighted is no better). method='hqq' with
+    calibration data weighs by the data's statistics."""
+    model, calibration, held_out = _correlated_mlp(3)
+    plain = quantize(model, bits=4, group_size=32)
+    assert plain.model[0].config.method == "rtn" and "statistics" not in plain.info.metrics
+    default = quantize(model, bits=4, group_size=32, calibration_data=calibration)
+    assert default.model[0].config.method == "gptq"
+    weighted = quantize(model, bits=4, group_size=32, method="hqq", calibration_data=calibration)
+    assert weighted, weighted.errors
+    assert weighted.model[0].config.method == "hqq" and weighted.model[0].config.float_zero_point
+    assert weighted.info.metrics["statistics"]["source"] == "calibration data"
+    # the outlier input channel's columns are rounded with care: far less output error
+    assert _error_db(model, weighted.model, held_out) > _error_db(model, plain.model, held_out) + 1.0
+
+
+def test_token_models_get_data_free_statistics_from_random_tokens(tmp_path):
+    from mono_quant.testing import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    int4 = quantize(model, bits=4, group_size=32)
+    assert int4, int4.errors
+    assert int4.info.metrics["statistics"] == {"source": "random tokens", "batches": 2}
+    configs = int4.info.layer_configs
+    assert {c["method"] for n, c in configs.items() if n.startswith("model.layers.")} == {"hqq"}
+    assert configs["lm_head"]["method"] == "rtn"  # the 8-bit head keeps round-to-nearest
+    int8 = quantize(model, bits=8, dynamic=True)
+    smoothing = int8.info.metrics["smoothing"]
+    assert smoothing["alpha"] == 0.5 and not smoothing["per_group"] and not smoothing["requested"]
+    # grouped-query o_proj has no free fold: an input scale; down_proj folds into up_proj
+    assert int8.model.model.layers[0].self_attn.o_proj.config.smoothed_input
+    assert not int8.model.model.layers[0].mlp.down_proj.config.smoothed_input
+    with torch.inference_mode():
+        reference = model(ids).logits
+        for result in (int4, int8):
+            out = result.model(ids).logits
+            assert torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0) > 0.98
+    off = quantize(model, bits=8, dynamic=True, smoothing=0)
+    assert "smoothing" not in off.info.metrics
+    rtn = quantize(model, bits=4, group_size=32, method="rtn")
+    assert "statistics" not in rtn.info.metrics

@@ -5,7 +5,6 @@ int4 perplexity no worse than plain round-to-nearest on the same windows."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -101,25 +100,38 @@ def test_every_mode_quantizes_all_decoder_linears_runs_saves_and_reloads(
         assert torch.equal(restored(input_ids=ids).logits, logits)
 
 
-def test_int4_g128_perplexity_is_no_worse_than_plain_round_to_nearest(
+def test_int4_g128_data_free_default_closes_a_quarter_of_round_to_nearests_gap(
     smollm2, smollm2_eval_windows, rtn_perplexity, fp32_perplexity
 ):
+    """The data-free default is HQQ weighted by input mean squares measured on random token ids
+    (issue 12's goal: >= 25% of plain round-to-nearest's gap to fp32). Measured 50% on 4
+    windows (bench/accuracy_algorithms.py: 45% on 8); method='rtn' stays at RTN's level."""
     result = quantize(smollm2[0], bits=4, group_size=128)
+    assert result, result.errors
+    assert result.info.metrics["statistics"]["source"] == "random tokens"
+    methods = {c["method"] for n, c in result.info.layer_configs.items() if n.startswith("model.layers.")}
+    assert methods == {"hqq"}
     ours = perplexity(result.model, smollm2_eval_windows[:2])
-    assert math.isfinite(ours)
-    print(f"fp32 {fp32_perplexity:.3f}  rtn {rtn_perplexity:.3f}  ours {ours:.3f}")
-    # The data-free default is min/max round-to-nearest too (plus an int8 lm_head): equal up to
-    # kernel rounding, which differs across CPUs (AMX, AVX-512): 0.5% of slack, no more.
-    assert ours <= rtn_perplexity * 1.005, (ours, rtn_perplexity, fp32_perplexity)
+    closed = (rtn_perplexity - ours) / (rtn_perplexity - fp32_perplexity)
+    print(f"fp32 {fp32_perplexity:.3f}  rtn {rtn_perplexity:.3f}  ours {ours:.3f}  gap closed {closed:.0%}")
+    assert closed >= 0.25, (ours, rtn_perplexity, fp32_perplexity)
+
+    plain = quantize(smollm2[0], bits=4, group_size=128, method="rtn")
+    rtn = perplexity(plain.model, smollm2_eval_windows[:2])
+    # min/max round-to-nearest (plus an int8 lm_head): equal up to kernel rounding, which differs
+    # across CPUs (AMX, AVX-512): 0.5% of slack, no more.
+    assert rtn <= rtn_perplexity * 1.005, (rtn, rtn_perplexity)
 
 
 def test_int8_dynamic_with_calibration_text_is_within_1_percent_of_fp32(
     smollm2, smollm2_eval_windows, smollm2_calibration_windows, fp32_perplexity
 ):
-    """SmoothQuant (alpha 0.5) from calibration text the evaluation never sees."""
+    """SmoothQuant (an alpha per group chosen on the calibration activations) and GPTQ-rounded
+    int8 weights (the defaults with calibration data), from text the evaluation never sees."""
     calibration = [{"input_ids": w.unsqueeze(0)} for w in smollm2_calibration_windows]
     result = quantize(smollm2[0], bits=8, dynamic=True, calibration_data=calibration)
-    assert result.info.metrics["smoothing"]["alpha"] == 0.5
+    assert result.info.metrics["smoothing"]["per_group"] is True
+    assert result.model.model.layers[0].mlp.down_proj.config.method == "gptq"
     ours = perplexity(result.model, smollm2_eval_windows[:2])
     print(f"fp32 {fp32_perplexity:.3f}  int8 dynamic + smoothing {ours:.3f}")
     assert ours <= fp32_perplexity * 1.01

@@ -85,7 +85,8 @@ def test_llama_plan_and_folding_keep_the_float_outputs(kv_heads):
         f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")
     ]
     assert by_first[f"{layer}.mlp.gate_proj"].source == f"{layer}.post_attention_layernorm"
-    assert by_first[f"{layer}.mlp.down_proj"].source is None
+    # SwiGLU: down_proj's input is act(gate) * up, linear in up_proj's output channels
+    assert by_first[f"{layer}.mlp.down_proj"].source == f"{layer}.mlp.up_proj"
     assert by_first[f"{layer}.self_attn.o_proj"].source == (f"{layer}.self_attn.v_proj" if kv_heads == 4 else None)
     assert sorted(n for g in plan for n in g.linears) == sorted(names)
 

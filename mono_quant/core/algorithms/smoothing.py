@@ -17,11 +17,13 @@ per-token int8 activations tolerate far better. ``1 / s`` is folded into whateve
 * the value projection, for the attention output projection (``o_proj``, BERT's
   ``attention.output.dense``): the attention mixes tokens, never channels, so scaling V's
   output channel ``j`` scales the context's channel ``j``. Only when every query head has its
-  own value head (no grouped-query attention, where one V channel feeds several heads).
+  own value head (no grouped-query attention, where one V channel feeds several heads);
+* the up projection, for a gated FFN's ``down_proj`` (its input is ``act(gate(x)) * up(x)``,
+  linear in ``up``'s output channels; AWQ's mapping).
 
 Where no free fold exists the scale is returned as an *input scale*: the Linear's weight is
 multiplied by ``s`` here and the activation quantizer must divide its input by ``s`` (fused
-into the per-token quantization step). That covers the FFN down projections (their input
+into the per-token quantization step). That covers ungated FFN down projections (their input
 comes from an activation function), grouped-query ``o_proj`` and all of BERT's other Linears:
 BERT is post-norm, so a LayerNorm's output is also the residual stream and folding ``1/s``
 into it would change the model (the reference does not smooth BERT at all).
@@ -35,7 +37,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mono_quant.core.calibration import run_batch
+from mono_quant.core.calibration import run_calibration_batch
+from mono_quant.core.options import DEFAULT_SMOOTHING_ALPHA
 from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "collect_activation_absmax",
     "collect_input_mean_squares",
     "collect_activation_samples",
+    "collect_smoothing_statistics",
     "synthetic_token_batches",
     "smoothing_scales",
     "smoothing_plan",
@@ -50,7 +54,6 @@ __all__ = [
     "DEFAULT_SMOOTHING_ALPHA",
 ]
 
-DEFAULT_SMOOTHING_ALPHA = 0.5
 # Per group, with activation samples: the alpha of these (and the one asked for) with the lowest
 # int8 dynamic output error on the samples (Intel Neural Compressor's "auto" alpha, per layer).
 AUTO_ALPHA_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -73,10 +76,15 @@ class SmoothingGroup(NamedTuple):
 
 
 def _observe_inputs(
-    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str], observe: Callable[[str, torch.Tensor], None]
+    model: nn.Module,
+    batches: Iterable[Any],
+    layer_names: Iterable[str],
+    observe: Callable[[str, torch.Tensor], None],
+    strict: bool = True,
 ) -> None:
     """Run ``batches`` through ``model`` (eval, no grad), calling ``observe(name, x [T, K])``
-    with every input of each named Linear; raises when one never ran. The model is only read."""
+    with every input of each named Linear; raises when one never ran (``strict``; otherwise
+    the caller finds it missing from what it collected). The model is only read."""
     modules = dict(model.named_modules())
     names = list(layer_names)
     seen: set[str] = set()
@@ -104,13 +112,13 @@ def _observe_inputs(
     try:
         with torch.no_grad():
             for batch in batches:
-                run_batch(model, batch, device)
+                run_calibration_batch(model, batch, device)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
     missing = [name for name in names if name not in seen]
-    if missing:
+    if missing and strict:
         raise InputError(
             f"{len(missing)} Linear(s) never ran on the calibration data, e.g. {missing[0]!r}",
             suggestion="Use calibration inputs that exercise every layer, or leave those layers out.",
@@ -118,37 +126,31 @@ def _observe_inputs(
 
 
 def collect_activation_absmax(
-    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str]
+    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str], strict: bool = True
 ) -> dict[str, torch.Tensor]:
     """Per-input-channel ``max |x|`` over every calibration token of each named Linear.
 
     ``batches``: as :func:`mono_quant.core.calibration.run_batch` takes them. Returns
-    ``{name: Tensor [in_features]}`` fp32, on the model's device. The model is only read.
+    ``{name: Tensor [in_features]}`` fp32, on the model's device. The model is only read. A
+    Linear that never ran raises InputError, or (``strict=False``) is left out.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3))
         >>> collect_activation_absmax(net, [torch.tensor([[1.0, -2.0, 0.0, 0.5]])], ["0"])["0"]
         tensor([1.0000, 2.0000, 0.0000, 0.5000])
     """
-    absmax: dict[str, torch.Tensor] = {}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        current = x.abs().amax(dim=0).float()
-        previous = absmax.get(name)
-        absmax[name] = current if previous is None else torch.maximum(previous, current)
-
-    _observe_inputs(model, batches, layer_names, observe)
-    return absmax
+    return collect_smoothing_statistics(model, batches, layer_names, samples=False, strict=strict)[0]
 
 
 def collect_input_mean_squares(
-    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str]
+    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str], strict: bool = True
 ) -> dict[str, torch.Tensor]:
     """Per-input-channel mean of ``x^2`` over every token of each named Linear: the diagonal
     of its inputs' Hessian (up to a factor 2), the importance weights
     :func:`~mono_quant.core.algorithms.hqq.hqq_quantize_weight` takes as ``column_weights``.
 
-    Returns ``{name: Tensor [in_features]}`` fp32.
+    Returns ``{name: Tensor [in_features]}`` fp32 (``strict=False``: Linears that never ran
+    are left out instead of raising).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3))
@@ -163,16 +165,38 @@ def collect_input_mean_squares(
         sums[name] = current if name not in sums else sums[name] + current
         counts[name] = counts.get(name, 0) + x.shape[0]
 
-    _observe_inputs(model, batches, layer_names, observe)
+    _observe_inputs(model, batches, layer_names, observe, strict)
     return {name: total / max(counts[name], 1) for name, total in sums.items()}
 
 
 def collect_activation_samples(
-    model: nn.Module, batches: Iterable[Any], layer_names: Iterable[str], max_tokens: int = 512, seed: int = 0
+    model: nn.Module,
+    batches: Iterable[Any],
+    layer_names: Iterable[str],
+    max_tokens: int = 512,
+    seed: int = 0,
+    strict: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Up to ``max_tokens`` input rows ``[T, in_features]`` of each named Linear, drawn
     uniformly (seeded) from every calibration token: what :func:`smoothing_plan` measures
-    each candidate alpha on. Memory: ``max_tokens * in_features`` floats per Linear."""
+    each candidate alpha on. Memory: ``max_tokens * in_features`` floats per Linear.
+    ``strict``: as :func:`collect_activation_absmax`."""
+    return collect_smoothing_statistics(model, batches, layer_names, True, max_tokens, seed, strict)[1]
+
+
+def collect_smoothing_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layer_names: Iterable[str],
+    samples: bool = True,
+    max_tokens: int = 512,
+    seed: int = 0,
+    strict: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """What :func:`smoothing_plan` takes, in one pass over ``batches``: the per-channel maxima
+    of :func:`collect_activation_absmax` and (``samples``) the input rows of
+    :func:`collect_activation_samples`, else None."""
+    absmax: dict[str, torch.Tensor] = {}
     rows: dict[str, list[torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(seed)
 
@@ -182,11 +206,14 @@ def collect_activation_samples(
         return x[torch.randperm(x.shape[0], generator=generator)[:max_tokens].sort().values.to(x.device)]
 
     def observe(name: str, x: torch.Tensor) -> None:
-        # at most max_tokens rows of each batch, then max_tokens of those: memory stays bounded
-        rows.setdefault(name, []).append(pick(x.float()))
+        current = x.abs().amax(dim=0).float()
+        previous = absmax.get(name)
+        absmax[name] = current if previous is None else torch.maximum(previous, current)
+        if samples:  # at most max_tokens rows of each batch, then max_tokens of those: memory stays bounded
+            rows.setdefault(name, []).append(pick(x.float()))
 
-    _observe_inputs(model, batches, layer_names, observe)
-    return {name: pick(torch.cat(parts)) for name, parts in rows.items()}
+    _observe_inputs(model, batches, layer_names, observe, strict)
+    return absmax, ({name: pick(torch.cat(parts)) for name, parts in rows.items()} if samples else None)
 
 
 def synthetic_token_batches(
@@ -268,7 +295,12 @@ def _block_rules(name: str, block: nn.Module) -> list[tuple[str | None, list[str
         if isinstance(value, nn.Linear) and isinstance(output, nn.Linear):
             foldable = value.out_features == output.in_features  # no grouped-query sharing
             rules.append(("self_attn.v_proj" if foldable else None, ["self_attn.o_proj"]))
-        rules.append((None, ["mlp.down_proj"]))
+        # Gated FFN (SwiGLU): down_proj reads act(gate(x)) * up(x), so channel j of up_proj's
+        # output scales channel j of down_proj's input (AWQ's up_proj -> down_proj mapping).
+        up, down = _attr(mlp, "up_proj"), _attr(mlp, "down_proj")
+        gated = _attr(mlp, "gate_proj") is not None and isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
+        foldable = gated and up.out_features == down.in_features
+        rules.append(("mlp.up_proj" if foldable else None, ["mlp.down_proj"]))
     elif _attr(block, "attention.self.query") is not None and _attr(block, "intermediate.dense") is not None:
         # BERT (post-norm): only the value -> attention output fold is free.
         rules.append((None, [f"attention.self.{p}" for p in ("query", "key", "value")]))
