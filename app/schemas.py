@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, create_model, field_validator
 
 from mono_quant.core.options import OptionSpec, QuantizeOptions, option_specs, option_type, split_list
-from mono_quant.export import EXPORT_FORMATS
+from mono_quant.export import EXPORT_FORMATS, options_for_formats
 
 __all__ = [
     "JobStatus",
@@ -100,8 +100,10 @@ class _ServiceParams(BaseModel):
     def options(self, has_calibration: bool) -> QuantizeOptions:
         """The library's options for this job, validated by the library itself (its
         ConfigurationError answers 422 at submission): int8 without ``dynamic`` is static when
-        calibration data comes with the job and dynamic otherwise."""
-        return QuantizeOptions.for_request(has_calibration, **self.library_kwargs())
+        calibration data comes with the job and dynamic otherwise; defaults the requested
+        ``export_formats`` cannot store give way to ones they can (``options_for_formats``)."""
+        options = QuantizeOptions.for_request(has_calibration, **self.library_kwargs())
+        return options_for_formats(options, self.export_formats, has_calibration)
 
 
 _HTTP_NOTES = {"dynamic": ". Left out: int8 is static when the job has calibration data, dynamic otherwise."}

@@ -407,7 +407,7 @@ def _execute(
     metrics = {
         "bits": info.get("bits"),
         "mode": info.get("mode"),
-        "method": options.effective_method,
+        "method": _methods(info) or options.effective_method,
         "selected_layers": len(info.get("selected_layers") or []),
         "skipped_layers": len(info.get("skipped_layers") or []),
         "original_size_bytes": info.get("original_size_bytes"),
@@ -519,3 +519,11 @@ def run_job(job_id: str, settings: Settings) -> str | None:
         storage.remove_artifacts(job_id)
     notify_job_end(settings, store, job_id)
     return final.status
+
+
+def _methods(info: dict) -> str | None:
+    """How the quantized Linears were rounded ("hqq", "rtn", "gptq"; "hqq+rtn" when they differ,
+    e.g. HQQ int4 layers beside an 8-bit head), from the layer configs."""
+    configs = (info.get("layer_configs") or {}).values()
+    methods = sorted({c["method"] for c in configs if c.get("kind") == "QuantizedLinear" and c.get("method")})
+    return "+".join(methods) or None

@@ -135,12 +135,14 @@ def _accepts_facts(check: Any) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(check).parameters.values())
 
 
-def _layer_facts(options: QuantizeOptions, has_calibration: bool) -> dict[str, Any] | None:
+def _layer_facts(options: QuantizeOptions, has_calibration: bool, runnable: bool) -> dict[str, Any] | None:
     """What this run's Linear layers will carry that the options alone do not tell a format's
     check: SmoothQuant input scales (on layers it cannot fold, e.g. o_proj) and HQQ's float zero
-    points. None when neither applies."""
-    smoothed = options.effective_smoothing(has_calibration) is not None
-    float_zero_point = options.effective_method == "hqq" and not options.symmetric
+    points. ``runnable``: a model with a forward (a Hugging Face folder), whose token embedding
+    gives statistics without calibration data. None when neither applies."""
+    statistics = "calibration data" if has_calibration else "random tokens" if runnable else None
+    smoothed = options.effective_smoothing(statistics is not None) is not None
+    float_zero_point = options.layer_method(options.bits, statistics) == "hqq" and not options.symmetric
     if not (smoothed or float_zero_point):
         return None
     return {
@@ -159,7 +161,7 @@ def _check_exports(
 ) -> None:
     """Each requested format's own check, with the options (and the architecture when known),
     then with the layers the run will produce, so a job is never queued to fail at export."""
-    layer = _layer_facts(options, has_calibration)
+    layer = _layer_facts(options, has_calibration, runnable=model_format in _RUNNABLE_FORMATS)
     for name in names:
         exporter = get_format(name)  # an unknown name: ConfigurationError listing the formats
         if model_format != "hf_zip":

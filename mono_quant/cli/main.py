@@ -25,7 +25,7 @@ import click
 
 from mono_quant.cli.options import collect_options, options_for, quantize_options
 from mono_quant.errors import ConfigurationError, InputError, MonoQuantError
-from mono_quant.export import EXPORT_FORMATS
+from mono_quant.export import EXPORT_FORMATS, options_for_formats
 
 
 def _fail(exc: BaseException, verbose: bool) -> None:
@@ -100,6 +100,8 @@ def quantize(model_path, calibration, eval_file, bf16, export_format, tokenizer,
     if bf16:
         given["dtype"] = "bf16"
     options = options_for(given, has_calibration=calibration is not None)
+    if export_format is not None:  # defaults the format cannot store give way to ones it can
+        options = options_for_formats(options, [export_format], has_calibration=calibration is not None)
     if eval_file is not None and options.max_accuracy_loss is None:
         raise ConfigurationError(
             "--eval is what --max-accuracy-loss is measured on, and no --max-accuracy-loss was given",

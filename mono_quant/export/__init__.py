@@ -21,7 +21,15 @@ from typing import Any
 
 from mono_quant.errors import ConfigurationError
 
-__all__ = ["ExportFormat", "EXPORT_FORMATS", "get_format", "ARTIFACT_NAMES", "check_facts", "override_precisions"]
+__all__ = [
+    "ExportFormat",
+    "EXPORT_FORMATS",
+    "get_format",
+    "ARTIFACT_NAMES",
+    "check_facts",
+    "override_precisions",
+    "options_for_formats",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,8 @@ class ExportFormat:
     consumers: str  # who loads it, for error messages and docs
     check: Callable[..., None]
     export: Callable[..., Any]
+    float_zero_points: bool = True  # stores HQQ's float zero points
+    input_scales: bool = True  # stores SmoothQuant scales that could not be folded into a layer before
 
 
 # format name -> module defining FORMAT (imported on first use: each needs its own packages)
@@ -96,3 +106,37 @@ def override_precisions(facts: Mapping[str, Any]) -> list[tuple[str, Any]]:
     from mono_quant.core.options import parse_precision
 
     return [(pattern, parse_precision(name)) for pattern, name in (facts.get("layer_overrides") or {}).items()]
+
+
+def options_for_formats(options: Any, formats: Any, has_calibration: bool) -> Any:
+    """``options`` (a QuantizeOptions) with the defaults every format in ``formats`` can store,
+    for callers that know the formats before quantizing (the CLI's ``--format``, the service's
+    ``export_formats``). Where ``method`` was left unset in an asymmetric int4 run and a format stores
+    integer zero points only (compressed-tensors), the run rounds to nearest instead of using
+    HQQ (unless calibration data came for HQQ alone: the check then refuses, suggesting GPTQ);
+    where ``smoothing`` was left unset in a data-free int8 run with activations and a format
+    has no per-channel input scale (compressed-tensors, GGUF), it is not smoothed. What the
+    caller set is kept, for the format's ``check`` to refuse if it cannot be stored; so is
+    smoothing with calibration data (its only use besides GPTQ in dynamic int8: refused the
+    same way)."""
+    import dataclasses
+
+    chosen = [get_format(name) for name in formats or ()]
+    changes: dict[str, Any] = {}
+    data_only_for_hqq = has_calibration and options.max_accuracy_loss is None
+    if (
+        options.method is None
+        and options.uses_importance()
+        and not options.symmetric  # symmetric HQQ keeps the integer zero point
+        and not data_only_for_hqq
+        and not all(f.float_zero_points for f in chosen)
+    ):
+        changes["method"] = "rtn"
+    if (
+        options.smoothing is None
+        and not has_calibration
+        and options.effective_smoothing(True) is not None
+        and not all(f.input_scales for f in chosen)
+    ):
+        changes["smoothing"] = 0.0
+    return dataclasses.replace(options, **changes) if changes else options

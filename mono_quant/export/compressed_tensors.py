@@ -185,13 +185,17 @@ def _check_layer(name: str, layer: Mapping[str, Any]) -> None:
         raise ConfigurationError(
             f"layer {name!r} divides its input by a SmoothQuant scale that could not be folded into the layer "
             "before it; compressed-tensors has no per-channel input scale, so the folder would compute differently",
-            suggestion="Quantize without smoothing= for this export, or use mono_quant's own format.",
+            suggestion="Quantize with smoothing=0 for this export (dynamic int8 smooths by default, from the "
+            "calibration data or random tokens; `monoquant quantize --format compressed-tensors` and the service's "
+            "export_formats do so themselves), or export to ONNX / mono_quant's own format.",
         )
     if layer.get("float_zero_point"):
         raise ConfigurationError(
-            f"layer {name!r} has float zero points (method='hqq'), which compressed-tensors cannot store: its zero "
-            "points are integers on the weight grid",
-            suggestion="Export to GGUF (Q4_1 stores a float minimum), or quantize with method='rtn' or 'gptq'.",
+            f"layer {name!r} has float zero points (method='hqq', int4's default for models with a token "
+            "embedding), which compressed-tensors cannot store: its zero points are integers on the weight grid",
+            suggestion="Quantize with method='rtn' (or 'gptq' with calibration data) for this export "
+            "(`monoquant quantize --format compressed-tensors` and the service's export_formats do so themselves), "
+            "or export to GGUF (Q4_1 stores a float minimum) / ONNX.",
         )
     if bits == 8 and symmetric is False:
         raise ConfigurationError(
@@ -288,7 +292,7 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ConfigurationError(
             f"layer {name!r} has float zero points (e.g. HQQ), which compressed-tensors cannot store: its zero "
             "points are integers on the weight grid",
-            suggestion="Export to GGUF (Q4_1 stores a float minimum) or quantize with the default method.",
+            suggestion="Export to GGUF (Q4_1 stores a float minimum), or quantize with method='rtn' (or 'gptq').",
         )
     _check_layer(name, {"kind": "QuantizedLinear", **config.to_dict()})
     out_features, in_features = qt.qdata.shape
@@ -615,4 +619,6 @@ FORMAT = ExportFormat(
     consumers="transformers (AutoModel.from_pretrained) and vLLM",
     check=check,
     export=export,
+    float_zero_points=False,
+    input_scales=False,
 )

@@ -174,7 +174,9 @@ def _smoothed(name: str) -> ConfigurationError:
     return ConfigurationError(
         f"layer {name!r} divides its input by a SmoothQuant scale that could not be folded into the layer before "
         "it; GGUF has no per-channel input scale, so llama.cpp would compute differently",
-        suggestion="Quantize without smoothing= for a GGUF export.",
+        suggestion="Quantize with smoothing=0 for a GGUF export (dynamic int8 smooths by default; llama.cpp "
+        "quantizes activations itself, so smoothing brings it nothing; `monoquant quantize --format gguf` and the "
+        "service's export_formats do so themselves).",
     )
 
 
@@ -656,4 +658,6 @@ FORMAT = ExportFormat(
     consumers="llama.cpp (llama-server, llama-cli, llama-embedding) and transformers' GGUF loader",
     check=check,
     export=export,
+    float_zero_points=True,
+    input_scales=False,
 )

@@ -146,12 +146,13 @@ def test_reusable_uploads_by_id(service, tiny_model_file, tmp_path):
     dataset = service.post("/v1/datasets", files={"file": ("calibration.safetensors", data_path.read_bytes())})
     assert dataset.status_code == 201
     # int4 round-to-nearest uses no calibration data: refused at submission, nothing queued.
-    unused = service.post(
-        "/v1/quantize",
-        files={"model_id": (None, model.json()["id"]), "dataset_id": (None, dataset.json()["id"]), "bits": (None, "4")},
-    )
+    ids = {"model_id": (None, model.json()["id"]), "dataset_id": (None, dataset.json()["id"]), "bits": (None, "4")}
+    unused = service.post("/v1/quantize", files={**ids, "method": (None, "rtn")})
     body = assert_problem(unused, 422, "configuration-error")
     assert "does not use it" in body["detail"] and "method=gptq" in body["suggestion"]
+    # int4's default (HQQ) would measure input statistics on it, which a weights file cannot run
+    no_forward = service.post("/v1/quantize", files=ids)
+    assert "has no forward" in assert_problem(no_forward, 400, "input-error")["detail"]
     job = service.post("/v1/quantize", files={"model_id": (None, model.json()["id"]), "bits": (None, "4")})
     assert job.status_code == 202, job.text
     assert job.json()["model_id"] == model.json()["id"]

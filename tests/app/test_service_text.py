@@ -139,7 +139,9 @@ def test_gptq_without_calibration_is_422(paused_service, tiny_llama):
 
 def test_calibration_the_mode_does_not_use_is_422(paused_service, tiny_llama):
     response = paused_service.post(
-        "/v1/quantize", files={**upload(tiny_llama), **_text("c.txt", _paragraphs(3))}, data={"bits": "4"}
+        "/v1/quantize",
+        files={**upload(tiny_llama), **_text("c.txt", _paragraphs(3))},
+        data={"bits": "4", "method": "rtn"},  # int4's default (HQQ) would weigh its rounding by the text
     )
     body = assert_problem(response, 422, "configuration-error")
     assert "int4 (weight-only) with method='rtn' does not use it" in body["detail"]

@@ -313,3 +313,20 @@ def test_help_lists_the_commands(runner):
     result = _ok(runner.invoke(cli, ["--help"]))
     for command in ("quantize", "info", "validate", "compare"):
         assert command in result.stdout
+
+
+def test_format_picks_the_defaults_it_can_store(runner, tiny_hf_folder, tmp_path):
+    """A BERT folder gets the data-free defaults (HQQ for int4, SmoothQuant for int8 dynamic,
+    both from random tokens); compressed-tensors stores neither HQQ's float zero points nor an
+    input scale, so --format compressed-tensors quantizes with what it can store instead."""
+    pytest.importorskip("compressed_tensors")
+    folder, _, _ = tiny_hf_folder
+    plain = tmp_path / "int4.safetensors"
+    _ok(runner.invoke(cli, ["quantize", str(folder), "--bits", "4", "--no-progress", "-o", str(plain)]))
+    assert {c["method"] for c in read_metadata(plain)["layers"].values() if c["kind"] == "QuantizedLinear"} == {"hqq"}
+    for bits in (["--bits", "4"], ["--bits", "8", "--dynamic"]):
+        out = tmp_path / f"ct{bits[1]}"
+        args = ["quantize", str(folder), *bits, "--format", "compressed-tensors", "--no-progress", "-o", str(out)]
+        _ok(runner.invoke(cli, args))
+        groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+        assert groups and all(g["weights"]["num_bits"] == int(bits[1]) for g in groups.values())

@@ -24,12 +24,15 @@ from mono_quant.export import compressed_tensors as ct_export
 ct = pytest.importorskip("compressed_tensors")
 pytest.importorskip("transformers")
 
+# compressed-tensors has no per-channel input scale and no float zero point: the data-free
+# defaults that need them (SmoothQuant from random tokens, HQQ) are turned off here, as
+# options_for_formats does for the CLI's --format and the service's export_formats.
 MINILM_CASES = {
-    "w8a8-dynamic": dict(bits=8, dynamic=True),
+    "w8a8-dynamic": dict(bits=8, dynamic=True, smoothing=0),
     "w8a8-static": dict(bits=8, dynamic=False),  # calibration_data added by the fixture
     "w8a16": dict(bits=8, weight_only=True),
     "w4a16-sym": dict(bits=4, scheme="symmetric", group_size=128),
-    "w4a16-asym": dict(bits=4, group_size=128),
+    "w4a16-asym": dict(bits=4, group_size=128, method="rtn"),
 }
 EXPECTED_FORMAT = {
     "w8a8-dynamic": "int-quantized",
@@ -237,11 +240,11 @@ def test_minilm_corrupted_tensor_is_caught(minilm_exports, tmp_path):
 
 # -- SmolLM2 --------------------------------------------------------------------------------------------
 SMOLLM2_CASES = {
-    "w8a8-dynamic": dict(bits=8, dynamic=True),
+    "w8a8-dynamic": dict(bits=8, dynamic=True, smoothing=0),
     # group 64 divides every SmolLM2 width. With 128, the 576-wide layers (partial last group)
     # are written as groups of 64 next to 1536-wide ones in groups of 128, and transformers'
     # dequantize path (the only one for asymmetric W4A16, see above) then fails to load.
-    "w4a16-asym": dict(bits=4, group_size=64),
+    "w4a16-asym": dict(bits=4, group_size=64, method="rtn"),
 }
 
 

@@ -258,9 +258,10 @@ def compressed_tensors_decompressed(folder: Path) -> nn.Module:
 
 @pytest.mark.consumer
 def test_compressed_tensors_asymmetric_mixed_group_sizes(tiny_llama, token_ids, tmp_path):
-    """Asymmetric W4A16 in groups of 32, 64 and 128 next to W8A16 and float layers."""
+    """Asymmetric W4A16 in groups of 32, 64 and 128 next to W8A16 and float layers (round to
+    nearest: the default HQQ's float zero points are not storable here)."""
     pytest.importorskip("compressed_tensors")
-    result = _quantize(tiny_llama, bits=4, layer_overrides=INT4_OVERRIDES)
+    result = _quantize(tiny_llama, bits=4, method="rtn", layer_overrides=INT4_OVERRIDES)
     with pytest.warns(UserWarning, match="transformers 5.x cannot load"):
         folder = result.save(tmp_path / "asym", format="compressed-tensors")
     config = _assert_groups_follow_the_layers(folder, result)
