@@ -17,12 +17,19 @@ Intel Xeon with AMX (2 vCPUs shared with other work: 1 thread, CPU time, ratios 
   that kernel's block layout: 0.46 / 6.3 / 50 ms (with fp32 activations the same kernel is
   ~70x slower, which is what earlier notes measured). From a few dozen rows on, where that
   kernel is compute-bound, :func:`cpu_int4_dense_linear` dequantizes the weight per call into
-  bf16 for the dense GEMM instead (threshold by CPU kind, :func:`cpu_int4_dense_min_rows`).
+  bf16 for the dense GEMM instead (fp32 on AVX2-only CPUs; rows and dtype by CPU kind,
+  :func:`cpu_int4_dense_choice`).
   Shapes the kernel cannot take fall back to :func:`int4_grouped_linear` on ``_int_mm``.
 
 Choices that depend on the CPU read :func:`mono_quant.modules.cpu_features.cpu_features`
-(AMX, AVX-512 VNNI / BF16, AVX2), detected once; without those features the generic paths
+(AMX, AVX-512 VNNI / BF16, AVX2), detected once; where they are unknown the generic paths
 run (the int4 kernel at every size, oneDNN / ``_int_mm`` for int8).
+
+At batch 1 oneDNN's int8 kernel is the gap to fbgemm on Zen 4: 4096x4096, 1 thread, CPU time,
+the kernel call alone 0.8-1.1 ms warm (1.7-1.85 cold) against 0.4-0.55 (1.1-1.25) for all of
+``quantize_dynamic``'s layer, whatever the source zero point or the prepack's shape hint;
+fbgemm's own kernel would need its packed copy of the weight next to oneDNN's (it is not exact
+beyond one row: fbgemm's multi-row kernel is off by ~2e-4 of the output range).
 
 ``_int_mm`` (:func:`int8_linear`) remains the fallback for asymmetric int8 weights and torch
 builds without oneDNN. On CUDA, int8 x int8 uses ``_int_mm`` where its shape rules hold
@@ -37,6 +44,7 @@ import torch
 from mono_quant.modules.cpu_features import CpuFeatures, cpu_features
 
 __all__ = [
+    "cpu_int4_dense_choice",
     "cpu_int4_dense_linear",
     "cpu_int4_dense_min_rows",
     "cpu_int4_dense_qparams",
@@ -51,6 +59,14 @@ __all__ = [
 # rounding lies in [-0.5, 0.5], so 254 maps it onto [-127, 127].
 _RESIDUAL_STEPS = 254.0
 
+# Adding 1.5 * 2**23 to an fp32 value in (-2**22, 2**22) rounds it to an integer, half to even as
+# torch.round, and leaves that integer (plus 2**22) in the low mantissa bits: the low byte of the
+# sum's bits is then the int8 code, as two's complement, or code + offset for an even offset
+# (the parity, so the rounding of ties, is unchanged). One add and an int32 -> int8 / uint8 cast
+# (which keeps the low byte) replace round, cast and shift: 10-20% of the per-token
+# quantization on Zen 4 (1 thread; 256 x 4096: 0.50 against 0.60 ms), the same codes.
+_ROUNDING_MAGIC = 12582912.0
+
 
 def int_mm_supported(x_rows: int, in_features: int, out_features: int, device: torch.device) -> bool:
     """Whether ``torch._int_mm`` takes this shape on this device."""
@@ -62,28 +78,58 @@ def int_mm_supported(x_rows: int, in_features: int, out_features: int, device: t
 
 
 def quantize_per_token(
-    x2d: torch.Tensor, terms: int, offset: int = 0, dtype: torch.dtype = torch.int8
+    x2d: torch.Tensor,
+    terms: int,
+    offset: int = 0,
+    dtype: torch.dtype = torch.int8,
+    multiplier: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 quantization of ``x2d [M, K]`` with ``terms`` (1 or 2) terms.
+    """Symmetric per-row int8 quantization of ``x2d [M, K]`` (times ``multiplier [K]`` when
+    given: SmoothQuant's input scale) with ``terms`` (1 or 2) terms.
 
     Returns ``(q [terms * M, K], scale [M, 1] fp32)`` with
     ``x ~ scale * (q[:M] + q[M:] / 254)`` for two terms. ``offset=128, dtype=torch.uint8``
     gives the same values shifted into uint8 (zero point 128), which oneDNN's kernel takes.
     """
     # Integer kernels are not differentiable: keep autograd out of the scale arithmetic too.
-    x = x2d.detach().float()
+    x, owned = _float_input(x2d, multiplier)
     # amin + amax rather than aminmax(dim=...), which is ~15x slower on the CPU (torch 2.13)
     amax = torch.maximum(x.amin(dim=1, keepdim=True).neg_(), x.amax(dim=1, keepdim=True)).clamp_(min=1e-12)
-    scaled = x * (127.0 / amax)  # multiply by the inverse: a broadcast divide is slower
+    # multiply by the inverse: a broadcast divide is slower
+    scaled = x.mul_(127.0 / amax) if owned else x * (127.0 / amax)
     scale = amax.div_(127.0)
     if terms == 1:
-        return _shift_codes(scaled.round_().to(torch.int8), offset, dtype), scale
+        return _round_to_codes(scaled, offset, dtype), scale
     rows = x.shape[0]
     q = torch.empty((2 * rows, x.shape[1]), dtype=torch.int8, device=x.device)
     first = torch.round(scaled)
     q[:rows] = first
     q[rows:] = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
     return _shift_codes(q, offset, dtype), scale
+
+
+def _float_input(x2d: torch.Tensor, multiplier: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """``(x2d * multiplier in fp32, out of autograd; whether that is a new tensor)``: it is new
+    (the caller may scale it in place) unless ``x2d`` is fp32 and there is no multiplier.
+
+    SmoothQuant's ``x * (1 / s)`` happens here, in the pass that makes the fp32 copy anyway, so
+    the quantization scales that copy in place instead of allocating another one: on Zen 4
+    (1 thread) the multiply then costs 0-40% of the quantization instead of 30-70% (512 x 1536:
+    0.37 ms unsmoothed, 0.62 ms with a separate multiply, 0.40 ms folded).
+    """
+    x = x2d.detach()
+    if multiplier is not None:
+        x = x * multiplier
+        return (x if x.dtype == torch.float32 else x.float()), True
+    return (x, False) if x.dtype == torch.float32 else (x.float(), True)
+
+
+def _round_to_codes(scaled: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """``round(scaled) + offset`` as ``dtype`` (int8 with offset 0, uint8 with 128), for fp32
+    ``scaled`` in [-127, 127] that the caller owns (it is overwritten)."""
+    if (offset, dtype) not in ((0, torch.int8), (128, torch.uint8)):
+        raise ValueError(f"unsupported activation code offset {offset} for {dtype}")  # internal use
+    return scaled.add_(_ROUNDING_MAGIC + offset).view(torch.int32).to(dtype)
 
 
 def _shift_codes(q: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
@@ -114,14 +160,17 @@ def int8_linear(
     weight_zero_point: torch.Tensor | None,
     bias: torch.Tensor | None,
     terms: int,
+    multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x2d [M, K] @ dequant(weight)^T`` with per-token int8 activations on ``_int_mm``.
+    """``(x2d [M, K] * multiplier) @ dequant(weight)^T`` with per-token int8 activations on
+    ``_int_mm``.
 
     ``weight_kn`` is the int8 weight as ``[K, N]`` (a transposed view of the ``[N, K]``
-    weight); ``weight_scale`` / ``weight_zero_point`` are per output channel ``[N]``.
+    weight); ``weight_scale`` / ``weight_zero_point`` are per output channel ``[N]``;
+    ``multiplier [K]``: SmoothQuant's input scale, or None.
     """
     rows = x2d.shape[0]
-    q, act_scale = quantize_per_token(x2d, terms)
+    q, act_scale = quantize_per_token(x2d, terms, multiplier=multiplier)
     acc = torch._int_mm(q, weight_kn)
     if weight_zero_point is not None:
         # sum_k x_k (w_nk - z_n) = sum_k x_k w_nk - z_n sum_k x_k
@@ -291,60 +340,95 @@ def cpu_int4_linear(
     return out
 
 
-# -- int4 at many rows: dequantize per call, dense bf16 GEMM ------------------------------------
+# -- int4 at many rows: dequantize per call, dense GEMM ------------------------------------------
 # ``_weight_int4pack_mm_for_cpu`` dequantizes inside its inner loop, so past a few dozen rows it
 # is compute-bound and falls behind fp32 (4096x4096 at 256 rows: 1.5-1.8x fp32 on the AMX Xeon,
-# 0.91x on Zen 4; MiniLM b32 x 16 tokens: 1.7x / 1.08x fp32 for the whole model). There,
-# dequantizing the weight once per call into bf16 and running the dense bf16 GEMM (AMX tiles /
-# AVX-512 BF16) is faster: the dequantization costs ~1.3 ns per weight whatever the batch, and
-# a GEMM row is ~7x cheaper than the int4 kernel's on AMX. AMX Xeon, 1 thread, CPU time, ms on
-# 4096x4096 (int4 kernel / dense / fp32):
+# 0.9x on Zen 4, 1.1-1.3x on MiniLM's layers there). There, dequantizing the weight once per
+# call into bf16 and running the dense bf16 GEMM (AMX tiles / AVX-512 BF16) is faster: the
+# dequantization costs a fixed ~1 ns per weight whatever the batch, and a GEMM row is ~7x
+# cheaper than the int4 kernel's on AMX, ~2x on Zen 4. AMX Xeon, 1 thread, CPU time, ms on
+# 4096x4096 (int4 kernel / dense / fp32; dense measured before its dequantization got ~30%
+# faster):
 #     32 rows  14.2 / 43 / 19.8     64 rows  28.6 / 39 / 29     128 rows  56 / 45 / 43
 #     256 rows 118 / 59 / 81
 # and MiniLM's layers at 512 rows: 384x384 2.1 / 0.8-1.0 / 1.1, 1536x384 8.5 / 2.3 / 4.2.
-# Nothing is kept between calls: the bf16 weight lives one call, in slices of
-# ``_DENSE_CHUNK_ELEMENTS`` (8 MB), so a large layer never holds all of it at once. Smaller
-# slices stay in L2 (1M elements: 54 against 59 ms at 256 rows) but cost more ops, and each op
-# is a parallel region: with 2 threads on a shared machine 16 slices took 1.7x the time of 4.
+# Zen 4 (AVX-512 BF16, no AMX), 1 thread, CPU time, x fp32 (int4 kernel / dense):
+#     rows        1           32          64          80          96          128         256         512
+#     4096x4096   0.24/3.5    0.64/1.09   0.79/0.83   0.76/0.71   0.83/0.70   0.79/0.56   0.89/0.48   0.95/0.46
+#     384->384    0.80/11.6   1.06/2.12   1.10/1.40   1.10/1.21   1.21/1.21   1.28/1.10   1.22/0.82   1.27/0.70
+#     384->1536   0.60/7.4    0.98/1.44   1.08/1.09   1.16/0.93   1.17/0.93   1.22/0.81   1.15/0.70   1.12/0.59
+#     1536->384   0.66/8.7    1.02/1.46   1.08/0.98   1.13/0.93   1.04/0.83   1.07/0.79   1.13/0.70   1.14/0.63
+# (fp32 4096x4096: 4.1 / 24 / 38 / 51 / 55 / 77 / 133 / 252 ms). Dequantizing to fp32 for the
+# fp32 GEMM is never the fastest there (1.1-1.8x fp32 at 32-512 rows). Between ~32 and ~150 rows
+# MiniLM's small layers are 5-25% slower than fp32 whichever int4 path runs.
+# Nothing is kept between calls: the dequantized weight lives one call, in slices of
+# ``_DENSE_CHUNK_ELEMENTS`` (8 MB in bf16), so a large layer never holds all of it at once.
+# Smaller slices stay in L2 (1M elements: 54 against 59 ms at 256 rows on the AMX Xeon) but cost
+# more ops, and each op is a parallel region: with 2 threads on a shared machine 16 slices took
+# 1.7x the time of 4.
 _DENSE_CHUNK_ELEMENTS = 1 << 22
 
 # Rows from which the dense path wins, by CPU kind (see above). AMX: measured crossover between
-# 64 and 128 rows. AVX-512 BF16 without AMX (Zen 4): the bf16 GEMM is ~2x fp32 rather than ~5x
-# and the int4 kernel's rows cost a third of the AMX Xeon's, so the crossover moves up: about
-# 100 rows estimated from the Zen 4 figures (int4 kernel 6.3 / 50 ms at 32 / 256 rows, fp32
-# 12.8 / 55 ms); 128 keeps the measured int4 figures at 32 rows and takes MiniLM's 512.
-# Without bf16 hardware a bf16 GEMM is emulated: keep the int4 kernel at every size (the dense
-# fp32 alternative is never faster than fp32 itself).
+# 64 and 128 rows. AVX-512 BF16 without AMX (Zen 4): measured crossover 64-96 rows (64 on the
+# 4096 layer and MiniLM's 384 -> 1536 / 1536 -> 384, 96 on 384 -> 384); from 80 the dense path
+# is at most 10% behind the kernel (384 -> 384 at 80-95 rows) and up to 25% ahead elsewhere.
+# Without bf16 hardware a bf16 GEMM is emulated (25-50x fp32): AVX2-only CPUs dequantize to fp32
+# for the fp32 GEMM instead, from 64 rows; measured by emulation on Zen 4 (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2), where the int4 kernel's AVX2 code is 1.2-1.9x fp32 from 32 rows
+# (4096x4096 x fp32, kernel / fp32 dense: 64 rows 1.37 / 1.34, 128: 1.44 / 1.15, 256: 1.71 / 1.04;
+# MiniLM's layers at 128 rows 1.6-1.8 / 1.3-1.4). AVX-512 without BF16 (emulated the same way:
+# ATen avx512, oneDNN AVX512_CORE_VNNI) keeps the int4 kernel, at most as slow as the fp32 dense
+# path there (4096x4096 at 512 rows 0.90 / 0.96 x fp32, 384 -> 384 1.21 / 1.26). CPUs whose
+# features are unknown (non-x86, no /proc/cpuinfo) keep the kernel too.
 _DENSE_MIN_ROWS_AMX = 96
-_DENSE_MIN_ROWS_AVX512_BF16 = 128
+_DENSE_MIN_ROWS_AVX512_BF16 = 80
+_DENSE_FP32_MIN_ROWS_AVX2 = 64
+
+
+def cpu_int4_dense_choice(features: CpuFeatures | None = None) -> tuple[int, torch.dtype] | None:
+    """``(rows, dtype)``: from how many rows :func:`cpu_int4_dense_linear` beats the int4 kernel on
+    this CPU, and the GEMM dtype it dequantizes to; None: never."""
+    features = features or cpu_features()
+    if features.amx_bf16:
+        return _DENSE_MIN_ROWS_AMX, torch.bfloat16
+    if features.avx512_bf16:
+        return _DENSE_MIN_ROWS_AVX512_BF16, torch.bfloat16
+    if features.avx2 and not features.avx512:
+        return _DENSE_FP32_MIN_ROWS_AVX2, torch.float32
+    return None
 
 
 def cpu_int4_dense_min_rows(features: CpuFeatures | None = None) -> int | None:
     """Rows from which :func:`cpu_int4_dense_linear` beats the int4 kernel on this CPU; None:
-    never (no bf16 GEMM in hardware)."""
-    features = features or cpu_features()
-    if features.amx_bf16:
-        return _DENSE_MIN_ROWS_AMX
-    if features.avx512_bf16:
-        return _DENSE_MIN_ROWS_AVX512_BF16
-    return None
+    never (see :func:`cpu_int4_dense_choice`)."""
+    choice = cpu_int4_dense_choice(features)
+    return None if choice is None else choice[0]
 
 
 def cpu_int4_dense_qparams(
-    group_scales: torch.Tensor, group_zero_points: torch.Tensor
+    group_scales: torch.Tensor, group_zero_points: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :func:`cpu_int4_dense_linear` needs, from per-group scales and integer zero points
-    ``[N, G]``: ``(scale, -8 * scale)`` in bf16 ``[G, 1, N]`` and ``offset = (8 - zero_point) *
-    scale`` fp32 ``[G, N]``.
+    ``[N, G]``: ``(scale, -8 * scale)`` in ``dtype`` (the GEMM's: bf16, or fp32 where bf16 has
+    no hardware) ``[G, 1, 2, N // 64, 32]`` (output rows in the order the dense path unpacks
+    them: nibble, block, row in the half block) and ``offset = (8 - zero_point) * scale`` fp32
+    ``[G, N]`` (natural order).
 
     The weight is dequantized centred, ``(q - 8) * scale``, before its bf16 rounding (half the
     magnitude of ``q * scale``: ~50 dB against the fp32 product, like the int4 kernel, rather
     than ~45), and the rest, ``(8 - zero_point) * scale``, is added in fp32 from group sums of
     the activations.
     """
-    scale = group_scales.float().t().unsqueeze(1)  # [G, 1, N]
+    scale = group_scales.float().t()  # [G, N]
+    groups, out_features = scale.shape
     offset = ((8.0 - group_zero_points.float()) * group_scales.float()).t().contiguous()
-    return scale.to(torch.bfloat16).contiguous(), scale.mul(-8.0).to(torch.bfloat16).contiguous(), offset
+
+    def unpack_order(t: torch.Tensor) -> torch.Tensor:
+        # column b * 64 + h * 32 + i -> [h, b, i]
+        t = t.reshape(groups, out_features // _CPU_INT4_BLOCK, 2, _CPU_INT4_BLOCK // 2).transpose(1, 2)
+        return t.unsqueeze(1).to(dtype).contiguous()
+
+    return unpack_order(scale), unpack_order(scale * -8.0), offset
 
 
 def cpu_int4_dense_linear(
@@ -354,15 +438,22 @@ def cpu_int4_dense_linear(
     group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x2d [M, K]`` (in bf16) times a CPU-layout int4 weight ``[N, K // 2]``, dequantized per
-    call into bf16 for the dense GEMM; plus bias, fp32 ``[M, N]``. ``dense_qparams`` from
-    :func:`cpu_int4_dense_qparams`.
+    """``x2d [M, K]`` times a CPU-layout int4 weight ``[N, K // 2]``, dequantized per call for
+    the dense GEMM in the dtype of ``dense_qparams`` (from :func:`cpu_int4_dense_qparams`: bf16,
+    the activations rounded to it too, or fp32); plus bias, fp32 ``[M, N]``.
 
     In the CPU layout a block of 64 output rows is a ``[K, 32]`` byte array (low nibble: row
-    ``i``, high: row ``i + 32``), so unpacking a block's nibbles side by side gives its slice of
-    ``W^T [K, 64]`` directly: slices of whole blocks make a ``[K, n]`` weight, no transpose. The
-    nibbles go to a uint8 ``[K, n]`` buffer first, so that the cast and the scaling run over
-    operands of one memory order (vectorised; a mixed-dtype or mixed-stride op is ~4x slower).
+    ``i``, high: row ``i + 32``), so the nibbles of a slice of blocks give its part of ``W^T``
+    without transposing the weight, only its columns come out as (nibble, block, row) rather
+    than (block, nibble, row): the qparams are stored in that order and the GEMM's output goes
+    back to the natural one in the copy that turns it to fp32. Per slice:
+
+    * the slice's bytes are first copied to ``[K, blocks * 32]`` (one strided byte pass): every
+      later pass then runs over long contiguous rows. Unpacking the nibbles straight from the
+      blocked layout, 32 bytes at a time, made those passes 3-6x slower (Zen 4: the whole
+      dequantization 23 against 16 ms on 4096x4096, same numbers);
+    * the nibbles go to a uint8 buffer first, so that the cast and the scaling run over operands
+      of one memory order (vectorised; a mixed-dtype or mixed-stride op is ~4x slower).
     """
     scale, minus_eight_scale, offset = dense_qparams
     rows, in_features = x2d.shape
@@ -370,24 +461,32 @@ def cpu_int4_dense_linear(
     n_blocks = blocked.shape[0] // block
     groups = in_features // group_size
     by_block = blocked.view(n_blocks, in_features, half)
-    step = max(1, _DENSE_CHUNK_ELEMENTS // (block * in_features))
-    x_bf16 = x2d.detach().to(torch.bfloat16)
-    nibbles = torch.empty((in_features, min(step, n_blocks), 2, half), dtype=torch.uint8, device=x2d.device)
-    outputs = []
+    step = min(n_blocks, max(1, _DENSE_CHUNK_ELEMENTS // (block * in_features)))
+    dtype = scale.dtype
+    x_gemm = x2d.detach().to(dtype)
+    # buffers for one slice, reused by every slice (the last one may be partial)
+    slice_bytes = in_features * step * half
+    source_buf = torch.empty(slice_bytes, dtype=torch.uint8, device=x2d.device)
+    nibble_buf = torch.empty(2 * slice_bytes, dtype=torch.uint8, device=x2d.device)
+    weight_buf = torch.empty(2 * slice_bytes, dtype=dtype, device=x2d.device)
+    out = torch.empty((rows, n_blocks * block), dtype=torch.float32, device=x2d.device)
+    out_by_block = out.view(rows, n_blocks, 2, half)
     for first in range(0, n_blocks, step):
         last = min(n_blocks, first + step)
-        columns = slice(first * block, last * block)
-        source = by_block[first:last].transpose(0, 1)  # [K, n, 32]
-        unpacked = nibbles[:, : last - first]
-        torch.bitwise_and(source, 0x0F, out=unpacked[:, :, 0])
-        torch.bitwise_right_shift(source, 4, out=unpacked[:, :, 1])
-        weight = unpacked.reshape(groups, group_size, -1).to(torch.bfloat16)  # [G, g, n * 64]
+        n, size = last - first, in_features * (last - first) * half
+        source = source_buf[:size].view(in_features, n * half)
+        source.view(in_features, n, half).copy_(by_block[first:last].transpose(0, 1))
+        nibbles = nibble_buf[: 2 * size].view(in_features, 2, n * half)  # [K, nibble, (block, row)]
+        torch.bitwise_and(source, 0x0F, out=nibbles[:, 0])
+        torch.bitwise_right_shift(source, 4, out=nibbles[:, 1])
+        weight = weight_buf[: 2 * size].view(groups, group_size, 2, n, half)
+        weight.copy_(nibbles.view(groups, group_size, 2, n, half))
         # (q - 8) * scale in one pass: -8 * scale + q * scale
-        torch.addcmul(minus_eight_scale[:, :, columns], weight, scale[:, :, columns], out=weight)
-        outputs.append(x_bf16 @ weight.view(in_features, -1))
-    out = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).float()
-    # + sum_g (sum of x over group g) * (8 - z) * s, from the same bf16 activations the GEMM saw
-    group_sums = x_bf16.view(rows, groups, group_size).sum(dim=2, dtype=torch.float32)
+        torch.addcmul(minus_eight_scale[..., first:last, :], weight, scale[..., first:last, :], out=weight)
+        result = x_gemm @ weight.view(in_features, 2 * n * half)
+        out_by_block[:, first:last].copy_(result.view(rows, 2, n, half).transpose(1, 2))
+    # + sum_g (sum of x over group g) * (8 - z) * s, from the same activations the GEMM saw
+    group_sums = x_gemm.view(rows, groups, group_size).sum(dim=2, dtype=torch.float32)
     out.addmm_(group_sums, offset)
     return out if bias is None else out.add_(bias)
 
@@ -444,8 +543,10 @@ def onednn_int8_linear(
     weight_zero_point: torch.Tensor,
     bias: torch.Tensor | None,
     terms: int,
+    multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token int8 activations (``terms`` terms) times a prepacked int8 weight, fp32 out.
+    """Per-token int8 activations (``terms`` terms) of ``x2d * multiplier`` (SmoothQuant's input
+    scale ``[K]``, or None) times a prepacked int8 weight, fp32 out.
 
     A single row with one term (decoding a token: batch 1) is quantized with a plain float scale
     that the kernel applies itself together with the bias: no epilogue pass and half the small
@@ -454,16 +555,16 @@ def onednn_int8_linear(
     The activations go in as uint8 shifted by 128 everywhere: int8 ones save the shift, but
     measured on the AMX Xeon (1 thread) the GEMM itself is then as fast or slower (MiniLM's
     384 -> 1536 layer at 512 rows: 0.54-0.84 ms against 0.44 ms), and AVX-512 VNNI only
-    multiplies u8 x s8, so oneDNN would shift them itself there.
+    multiplies u8 x s8, so oneDNN would shift them itself there (on Zen 4, torch 2.13, int8
+    activations even fall to a reference kernel: ~600x slower).
     """
     rows = x2d.shape[0]
     if rows == 1 and terms == 1:
-        x = x2d.detach()
-        x = x if x.dtype == torch.float32 else x.float()
+        x, owned = _float_input(x2d, multiplier)
         amax = max(float(x.abs().amax()), 1e-12)  # a CPU tensor: .item() costs no sync
-        q = _shift_codes(x.mul(127.0 / amax).round_().to(torch.int8), 128, torch.uint8)
+        q = _round_to_codes(x.mul_(127.0 / amax) if owned else x.mul(127.0 / amax), 128, torch.uint8)
         return onednn_linear(q, amax / 127.0, 128, packed_weight, weight_scale, weight_zero_point, bias)
-    q, act_scale = quantize_per_token(x2d, terms, offset=128, dtype=torch.uint8)
+    q, act_scale = quantize_per_token(x2d, terms, offset=128, dtype=torch.uint8, multiplier=multiplier)
     acc = onednn_linear(q, 1.0, 128, packed_weight, weight_scale, weight_zero_point, None)
     out = _combine_terms(acc, rows, terms)
     if bias is not None:

@@ -11,8 +11,8 @@ from torch import nn
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec, regroup
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
+    cpu_int4_dense_choice,
     cpu_int4_dense_linear,
-    cpu_int4_dense_min_rows,
     cpu_int4_dense_qparams,
     cpu_int4_linear,
     cpu_int4_supported,
@@ -260,13 +260,13 @@ class QuantizedLinear(QuantizedModule):
             object.__setattr__(self, "_scales_and_zeros_cache", cached)
         return cached[1]
 
-    def _dense_qparams(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The qparams of :func:`cpu_int4_dense_linear` (derived, cached per tensor like
-        :meth:`_scales_and_zeros`)."""
-        key = (self.weight_scale.device, self.weight_scale.data_ptr(), self.weight_zero_point.data_ptr())
+    def _dense_qparams(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The qparams of :func:`cpu_int4_dense_linear` for a ``dtype`` GEMM (derived, cached per
+        tensor like :meth:`_scales_and_zeros`)."""
+        key = (self.weight_scale.device, self.weight_scale.data_ptr(), self.weight_zero_point.data_ptr(), dtype)
         cached = getattr(self, "_dense_qparams_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, cpu_int4_dense_qparams(*self._kernel_qparams()))
+            cached = (key, cpu_int4_dense_qparams(*self._kernel_qparams(), dtype))
             object.__setattr__(self, "_dense_qparams_cache", cached)
         return cached[1]
 
@@ -277,28 +277,29 @@ class QuantizedLinear(QuantizedModule):
         flat = x.dim() == 2
         x2d = x if flat else x.reshape(-1, self.in_features)
         config = self.config
-        if config.smoothed_input:
-            x2d = x2d * self.input_smoothing
+        smoothing = self.input_smoothing if config.smoothed_input else None
         if config.activation == "static":
-            out = self._forward_static(x2d)
+            out = self._forward_static(x2d if smoothing is None else x2d * smoothing)
         elif config.bits == 4:
-            out = self._forward_int4(x2d)
-        else:
-            out = self._forward_int8(x2d)
+            out = self._forward_int4(x2d if smoothing is None else x2d * smoothing)
+        else:  # int8 folds the smoothing into its per-token quantization (one pass less)
+            out = self._forward_int8(x2d, smoothing)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
-    def _forward_int8(self, x2d: torch.Tensor) -> torch.Tensor:
+    def _forward_int8(self, x2d: torch.Tensor, smoothing: torch.Tensor | None = None) -> torch.Tensor:
+        """int8 weights, weight-only or dynamic; ``smoothing``: the input multiplier (1 / s), or None."""
         dynamic = self.config.activation == "dynamic"
-        if x2d.device.type == "cpu" and self.config.group_size is None:
+        terms = 1 if dynamic else 2
+        if x2d.is_cpu and self.config.group_size is None:
             onednn = self._onednn_weight()
             if onednn:
-                return onednn_int8_linear(x2d, onednn[0], self.weight_scale, onednn[1], self.bias, 1 if dynamic else 2)
+                return onednn_int8_linear(x2d, onednn[0], self.weight_scale, onednn[1], self.bias, terms, smoothing)
         use_int_mm = self.config.group_size is None and int_mm_supported(
             x2d.shape[0], self.in_features, self.out_features, x2d.device
         )
-        if use_int_mm and (dynamic or x2d.device.type == "cpu"):
+        if use_int_mm and (dynamic or x2d.is_cpu):
             zp = self.weight_zero_point
             return int8_linear(
                 x2d,
@@ -306,22 +307,24 @@ class QuantizedLinear(QuantizedModule):
                 self.weight_scale,
                 None if zp is None else zp.to(torch.int32),
                 self.bias,
-                terms=1 if dynamic else 2,
+                terms=terms,
+                multiplier=smoothing,
             )
-        return self._forward_dequantized(x2d)
+        return self._forward_dequantized(x2d if smoothing is None else x2d * smoothing)
 
     def _forward_int4(self, x2d: torch.Tensor) -> torch.Tensor:
-        if x2d.device.type == "cuda" and x2d.dtype == torch.bfloat16:
+        if x2d.is_cuda and x2d.dtype == torch.bfloat16:
             packed = self._tinygemm_weight()
             if packed is not None:
                 return tinygemm_linear(x2d, *packed, self.kernel_group, self.bias)
-        if x2d.device.type != "cpu" or self.kernel_group is None:
+        if not x2d.is_cpu or self.kernel_group is None:
             return self._forward_dequantized(x2d)
         if self.qweight_layout == "cpu_int4":
             # many rows: the int4 kernel is compute-bound there, dequantize for the dense GEMM
-            dense_from = cpu_int4_dense_min_rows()
-            if dense_from is not None and x2d.shape[0] >= dense_from:
-                return cpu_int4_dense_linear(x2d, self.qweight, self._dense_qparams(), self.kernel_group, self.bias)
+            dense = cpu_int4_dense_choice()
+            if dense is not None and x2d.shape[0] >= dense[0]:
+                qparams = self._dense_qparams(dense[1])
+                return cpu_int4_dense_linear(x2d, self.qweight, qparams, self.kernel_group, self.bias)
             return cpu_int4_linear(x2d, self.qweight, self._scales_and_zeros(), self.kernel_group, self.bias)
         terms = 1 if self.config.activation == "dynamic" else 2
         scales, zero_points = self._kernel_qparams()

@@ -3,6 +3,8 @@ same layer: the fast paths against the generic ones, with the feature detection 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,8 @@ needs_onednn = pytest.mark.skipif(not kernels.onednn_int8_available(), reason="t
 
 XEON_AMX = CpuFeatures(amx_int8=True, amx_bf16=True, avx512_vnni=True, avx512_bf16=True, avx512=True, avx2=True)
 ZEN4 = CpuFeatures(avx512_vnni=True, avx512_bf16=True, avx512=True, avx2=True)
+AVX512_NO_BF16 = CpuFeatures(avx512_vnni=True, avx512=True, avx2=True)  # Cascade Lake
+AVX2_ONLY = CpuFeatures(avx2=True)
 GENERIC = CpuFeatures()
 INT4 = LayerQuantConfig(bits=4, symmetric=False, group_size=64)
 
@@ -46,7 +50,8 @@ def int4_calls(monkeypatch):
 
     def spy(name, fn):
         def wrapper(*args, **kwargs):
-            calls.append(name)
+            # the dense path's GEMM dtype is that of its qparams (the third argument)
+            calls.append(name if name != "dense" else f"dense_{str(args[2][0].dtype).removeprefix('torch.')}")
             return fn(*args, **kwargs)
 
         return wrapper
@@ -66,16 +71,24 @@ def _int4_layer(out_features: int, in_features: int, config: LayerQuantConfig = 
 # -- int4: the dense path at many rows -----------------------------------------------------------
 @needs_int4_kernel
 @pytest.mark.parametrize(
-    "features, threshold", [(XEON_AMX, 96), (ZEN4, 128), (GENERIC, None)], ids=["amx", "avx512-bf16", "generic"]
+    "features, threshold, dense",
+    [
+        (XEON_AMX, 96, "dense_bfloat16"),
+        (ZEN4, 80, "dense_bfloat16"),
+        (AVX512_NO_BF16, None, None),
+        (AVX2_ONLY, 64, "dense_float32"),
+        (GENERIC, None, None),
+    ],
+    ids=["amx", "avx512-bf16", "avx512-no-bf16", "avx2-only", "generic"],
 )
-def test_int4_path_is_chosen_by_rows_and_features(force_features, int4_calls, features, threshold):
+def test_int4_path_is_chosen_by_rows_and_features(force_features, int4_calls, features, threshold, dense):
     force_features(features)
     assert kernels.cpu_int4_dense_min_rows() == threshold
     layer = _int4_layer(128, 256)
-    for rows in (1, 64, 95, 96, 127, 128, 300):
+    for rows in (1, 63, 64, 79, 80, 95, 96, 127, 128, 300):
         int4_calls.clear()
         layer(torch.randn(rows, 256))
-        expected = "dense" if threshold is not None and rows >= threshold else "int4_kernel"
+        expected = dense if threshold is not None and rows >= threshold else "int4_kernel"
         assert int4_calls == [expected], (rows, int4_calls)
 
 
@@ -86,10 +99,11 @@ def test_int4_path_is_chosen_by_rows_and_features(force_features, int4_calls, fe
     ids=["3-blocks", "3-groups", "g32", "small-k"],
 )
 @pytest.mark.parametrize("blocks_per_chunk", [None, 2], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("features", [XEON_AMX, AVX2_ONLY], ids=["bf16", "fp32"])
 def test_int4_dense_matches_dequantized_reference(
-    monkeypatch, force_features, out_features, in_features, group_size, blocks_per_chunk
+    monkeypatch, force_features, out_features, in_features, group_size, blocks_per_chunk, features
 ):
-    force_features(XEON_AMX)
+    force_features(features)
     if blocks_per_chunk:  # several slices, the last one partial where the blocks do not divide
         monkeypatch.setattr(kernels, "_DENSE_CHUNK_ELEMENTS", blocks_per_chunk * 64 * in_features)
     config = LayerQuantConfig(bits=4, symmetric=False, group_size=group_size)
@@ -98,6 +112,9 @@ def test_int4_dense_matches_dequantized_reference(
     reference = F.linear(x, layer.dequantized_weight(), layer.bias)
     out = layer(x)
     assert out.shape == (200, out_features) and out.dtype == torch.float32
+    if features is AVX2_ONLY:  # fp32 throughout: the reference up to float rounding
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        return
     # bf16 activations and a bf16-rounded centred weight: ~50 dB, as the int4 kernel (int4's own
     # weight error against the float layer is ~20 dB)
     assert sqnr(reference, out) > 40.0, sqnr(reference, out)
@@ -163,3 +180,53 @@ def test_int8_int_mm_fallback_matches_onednn(monkeypatch, rows, activation):
     generic_out = generic(x)
     assert generic.qweight_layout == "packed"
     torch.testing.assert_close(generic_out, fast_out, rtol=1e-4, atol=1e-4)
+
+
+# -- int8: SmoothQuant's input multiplier folded into the per-token quantization ----------------
+@pytest.mark.parametrize("terms", [1, 2])
+@pytest.mark.parametrize("codes", ["int8", "uint8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_token_folds_the_multiplier_exactly(terms, codes, dtype):
+    torch.manual_seed(terms)
+    x = (torch.randn(7, 48) * torch.logspace(-2, 2, 7).unsqueeze(1)).to(dtype)
+    multiplier = torch.rand(48) + 0.25
+    before = x.clone()
+    kwargs = {"offset": 128, "dtype": torch.uint8} if codes == "uint8" else {}
+    q, scale = kernels.quantize_per_token(x, terms, multiplier=multiplier, **kwargs)
+    q_ref, scale_ref = kernels.quantize_per_token(x * multiplier, terms, **kwargs)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert torch.equal(x, before)  # the multiplied copy is scaled in place, never the input
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "int_mm"])
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("activation", ["dynamic", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smoothed_int8_matches_multiplying_first_and_leaves_the_input_alone(
+    monkeypatch, onednn, rows, activation, dtype
+):
+    if onednn and not kernels.onednn_int8_available():
+        pytest.skip("this torch has no oneDNN int8 linear")
+    if not onednn:
+        monkeypatch.setattr(linear_module, "onednn_int8_available", lambda: False)
+    torch.manual_seed(rows)
+    float_layer = nn.Linear(64, 40)
+    config = LayerQuantConfig(bits=8, symmetric=True, activation=activation)
+    smoothed = QuantizedLinear.from_float(
+        float_layer, dataclasses.replace(config, smoothed_input=True), input_smoothing=torch.rand(64) + 0.5
+    )
+    plain = QuantizedLinear.from_float(float_layer, config)
+    x = (torch.randn(rows, 64) * 3).to(dtype)
+    before = x.clone()
+    out = smoothed(x)
+    assert torch.equal(x, before)
+    plain(x)
+    assert torch.equal(x, before)
+    assert smoothed.qweight_layout == plain.qweight_layout == ("onednn" if onednn else "packed")
+    # what the layer computed before the fold (in fp32: x * s is fp32), back in the input's dtype
+    expected = plain(x * smoothed.input_smoothing).to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    if activation == "dynamic":  # and one row alone quantizes like the same row in a batch
+        batched = smoothed(torch.cat([x, x * 0.1]))
+        torch.testing.assert_close(smoothed(x[:1]), batched[:1], rtol=1e-4, atol=1e-4)

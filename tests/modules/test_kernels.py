@@ -59,3 +59,24 @@ def test_int_mm_shape_rules():
     assert not int_mm_supported(32, 60, 64, torch.device("cuda"))  # and K, N multiples of 8
     assert not int_mm_supported(32, 64, 10, torch.device("cuda"))
     assert not int_mm_supported(32, 64, 64, torch.device("meta"))
+
+
+@pytest.mark.parametrize("offset, dtype", [(0, torch.int8), (128, torch.uint8)])
+def test_rounding_to_codes_is_round_half_to_even_then_shift(offset, dtype):
+    from mono_quant.modules.kernels import _round_to_codes
+
+    ties = torch.arange(-127, 127).float() + 0.5  # every tie in range: half to even, like torch.round
+    near = torch.tensor([-127.0, 127.0, 0.0, -0.0, 0.49999997, -0.49999997, 126.50001, -126.50001, 1e-30])
+    values = torch.cat([ties, near, torch.empty(4000).uniform_(-127, 127)])
+    codes = _round_to_codes(values.clone(), offset, dtype)
+    expected = (torch.round(values) + offset).to(torch.int32)
+    assert codes.dtype == dtype
+    assert torch.equal(codes.to(torch.int32), expected)
+
+
+def test_one_term_codes_are_the_rounded_scaled_rows(x2d):
+    q, scale = quantize_per_token(x2d, terms=1)
+    amax = torch.maximum(x2d.amin(dim=1, keepdim=True).neg(), x2d.amax(dim=1, keepdim=True))
+    assert torch.equal(q, torch.round(x2d * (127.0 / amax)).to(torch.int8))
+    shifted, _ = quantize_per_token(x2d, terms=1, offset=128, dtype=torch.uint8)
+    assert torch.equal(shifted.to(torch.int32) - 128, q.to(torch.int32))
