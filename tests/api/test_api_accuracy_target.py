@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.smollm2
+@pytest.mark.timeout(1800)  # ~4 min on a quiet 2-core machine; > 10 on a loaded one
 def test_smollm2_int4_within_one_percent(smollm2, smollm2_calibration_windows, smollm2_eval_windows):
-    """Plain int4 g128 costs SmolLM2 ~25% perplexity; the target is 1% on held-out text."""
+    """Plain int4 g128 costs SmolLM2 ~10% perplexity (HQQ weighted by the calibration data's
+    statistics, the search's int4; round-to-nearest ~25%); the target is 1% on held-out text."""
     model, _ = smollm2
     calibration = [smollm2_calibration_windows[i : i + 4] for i in range(0, 16, 4)]
     evaluation = [smollm2_eval_windows[:2], smollm2_eval_windows[2:4]]
@@ -24,7 +26,7 @@ def test_smollm2_int4_within_one_percent(smollm2, smollm2_calibration_windows, s
     target = result.info.metrics["accuracy_target"]
     assert target["metric"] == "perplexity" and target["met"], target
     trials = target["trials"]
-    assert trials[0]["moved"] == 0 and trials[0]["loss"] > 0.1  # int4 as asked misses by far
+    assert trials[0]["moved"] == 0 and trials[0]["loss"] > 0.05  # int4 as asked misses by far
     assert len(trials) <= 12
     # measured independently on the same eval windows
     fp32 = perplexity(model, smollm2_eval_windows[:4], batch_size=2)
@@ -34,7 +36,9 @@ def test_smollm2_int4_within_one_percent(smollm2, smollm2_calibration_windows, s
     overrides = result.info.layer_overrides
     assert overrides and target["moved_layers"] == len(overrides)
     assert result.info.compression_ratio > 3.5, result.info.compression_ratio
-    again = quantize(model, bits=4, layer_overrides=overrides)
+    # the search rounds int4 with HQQ weighted by the calibration data's statistics (GPTQ, the
+    # default with calibration data outside a search, would round differently): the same again
+    again = quantize(model, bits=4, method="hqq", calibration_data=calibration, layer_overrides=overrides)
     assert again.info.quantized_size_bytes == result.info.quantized_size_bytes
     assert perplexity(again.model, smollm2_eval_windows[:4], batch_size=2) == pytest.approx(quantized, rel=1e-4)
 

@@ -123,15 +123,16 @@ def test_int4_g128_data_free_default_closes_a_quarter_of_round_to_nearests_gap(
     assert rtn <= rtn_perplexity * 1.005, (rtn, rtn_perplexity)
 
 
+@pytest.mark.timeout(1800)  # the per-group alpha search: a few minutes quiet, far more on a loaded machine
 def test_int8_dynamic_with_calibration_text_is_within_1_percent_of_fp32(
     smollm2, smollm2_eval_windows, smollm2_calibration_windows, fp32_perplexity
 ):
-    """SmoothQuant (an alpha per group chosen on the calibration activations) and GPTQ-rounded
-    int8 weights (the defaults with calibration data), from text the evaluation never sees."""
+    """SmoothQuant (an alpha per group chosen on the calibration activations: the default with
+    calibration data) from text the evaluation never sees. Measured +0.96% on 4 windows."""
     calibration = [{"input_ids": w.unsqueeze(0)} for w in smollm2_calibration_windows]
     result = quantize(smollm2[0], bits=8, dynamic=True, calibration_data=calibration)
     assert result.info.metrics["smoothing"]["per_group"] is True
-    assert result.model.model.layers[0].mlp.down_proj.config.method == "gptq"
+    assert result.model.model.layers[0].mlp.down_proj.config.smoothed_input is False  # folded into up_proj
     ours = perplexity(result.model, smollm2_eval_windows[:2])
     print(f"fp32 {fp32_perplexity:.3f}  int8 dynamic + smoothing {ours:.3f}")
     assert ours <= fp32_perplexity * 1.01
