@@ -36,11 +36,11 @@ def test_smollm2_int4_within_one_percent(smollm2, smollm2_calibration_windows, s
     overrides = result.info.layer_overrides
     assert overrides and target["moved_layers"] == len(overrides)
     assert result.info.compression_ratio > 3.5, result.info.compression_ratio
-    # the search rounds int4 with HQQ weighted by the calibration data's statistics (GPTQ, the
-    # default with calibration data outside a search, would round differently): the same again
-    again = quantize(model, bits=4, method="hqq", calibration_data=calibration, layer_overrides=overrides)
+    # the precisions are reusable: the same layout and size; data-free, int4 is HQQ weighted by
+    # random-token statistics rather than the calibration data's, so close but not bit-equal
+    again = quantize(model, bits=4, layer_overrides=overrides)
     assert again.info.quantized_size_bytes == result.info.quantized_size_bytes
-    assert perplexity(again.model, smollm2_eval_windows[:4], batch_size=2) == pytest.approx(quantized, rel=1e-4)
+    assert perplexity(again.model, smollm2_eval_windows[:4], batch_size=2) <= fp32 * 1.03
 
 
 @pytest.mark.minilm
