@@ -25,7 +25,8 @@ Gemm first), which is why static layers are written as MatMulIntegerToFloat dire
 
 Why the dequantized twin rather than ``result.original``: the graph must be the quantized
 model's, which can differ from the original outside the quantized layers (smoothing folds
-scales into norms), and the twin's weights let every rewritten node be checked against the
+scales into norms; a scale with no layer to fold into stays a float Mul ahead of the
+integer kernel, as our layer applies it), and the twin's weights let every rewritten node be checked against the
 layer it replaces (the exported initializer must equal the dequantized weight exactly).
 
 Our ``dynamic`` mode quantizes activations per token (symmetric int8, one scale per row).
@@ -364,6 +365,9 @@ def _float_layer(module: nn.Module) -> nn.Module:
             groups=module.groups,
             bias=bias is not None,
         )
+    elif getattr(module, "input_smoothing", None) is not None:
+        layer = _SmoothedLinear(module.in_features, module.out_features, bias=bias is not None)
+        layer.register_buffer("input_smoothing", module.input_smoothing.detach().float().cpu().clone())
     else:
         layer = nn.Linear(module.in_features, module.out_features, bias=bias is not None)
     with torch.no_grad():
@@ -371,6 +375,17 @@ def _float_layer(module: nn.Module) -> nn.Module:
         if bias is not None:
             layer.bias.copy_(bias.detach().float().cpu())
     return layer.eval()
+
+
+class _SmoothedLinear(nn.Linear):
+    """The float form of a SmoothQuant layer whose scale could not be folded into the layer
+    before it: ``input_smoothing`` (the multiplier ``1 / s`` it stores) stays a float Mul in
+    the graph, ahead of the integer kernel that replaces the MatMul."""
+
+    input_smoothing: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x * self.input_smoothing, self.weight, self.bias)
 
 
 def _float_twin(model: nn.Module, float_layers: dict[int, nn.Module]) -> nn.Module:

@@ -134,7 +134,16 @@ def test_minilm_onnxruntime_matches_ours_on_integer_kernels(mode, minilm_exports
     size = path.stat().st_size
     # the file is the quantized size: the stored integers and scales plus the graph, never fp32
     assert size <= 1.1 * result.info.quantized_size_bytes + 2**20, (size, result.info.quantized_size_bytes)
-    assert size < (0.22 if mode.startswith("int4") else 0.28) * fp32, (size, fp32)
+    # int4: data-free HQQ (the default on a model with a token embedding) keeps float zero points,
+    # which MatMulNBits takes in A's type (fp32): 4 bytes per 32 weights over packed integer ones
+    # (measured 0.229 of fp32; 0.22 bounded the integer-zero-point file)
+    float_zero_points = any(
+        m.weight_zero_point is not None and m.weight_zero_point.is_floating_point()
+        for m in result.model.modules()
+        if type(m).__name__ == "QuantizedLinear"
+    )
+    limit = (0.235 if float_zero_points else 0.22) if mode.startswith("int4") else 0.28
+    assert size < limit * fp32, (size, fp32)
 
 
 @pytest.mark.minilm
@@ -314,6 +323,30 @@ def test_float_zero_points_export_as_matmulnbits_float_zero_points(small_models,
         assert cosine_stats(reference(eval_input), theirs)["min"] >= 0.99999
 
 
+@pytest.mark.parametrize("dynamic, kernel", [(True, "MatMulInteger"), (False, "MatMulIntegerToFloat")])
+@slow
+@consumer
+def test_smoothquant_input_scales_stay_a_float_mul_ahead_of_the_integer_kernel(dynamic, kernel, small_models, tmp_path):
+    """An MLP's Linears have no norm or Linear right before them to fold a SmoothQuant scale
+    into: each keeps its input multiplier, which the file must apply exactly as ours does."""
+    model, trace_input, eval_input = small_models["mlp"]
+    result = quantize(model, bits=8, dynamic=dynamic, smoothing=0.5, calibration_data=[eval_input])
+    smoothed = [m for m in result.model.modules() if getattr(m, "input_smoothing", None) is not None]
+    assert len(smoothed) == 3, result.info.metrics.get("smoothing")
+    path = result.save(tmp_path / "model.onnx", format="onnx", sample_inputs=(trace_input,))
+    with torch.no_grad():
+        ours = result.model(eval_input)
+    session = mq_onnx.onnxruntime_session(path)
+    theirs = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: eval_input.numpy()})[0])
+    assert cosine_stats(ours, theirs)["min"] >= MATCH
+    kernels = _integer_kernels(path, tmp_path)
+    assert kernels[kernel] == 3, kernels
+    multipliers = {tuple(m.input_smoothing.shape) for m in smoothed}
+    proto = onnx.load(str(path))
+    stored = {tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert multipliers <= stored  # the multipliers are in the file, as float vectors
+
+
 # -- what the format refuses -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "options",
@@ -412,7 +445,7 @@ def test_smollm2_int4_logits_match_ours(smollm2, tmp_path):
     batch = tokenizer(["The quick brown fox jumps over the lazy dog, and then it"], return_tensors="pt")
     feed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     # plain min/max ranges (no clipping search): the export, not the int4 recipe, is under test
-    result = quantize(model, bits=4, group_size=64, clip_search_steps=0)
+    result = quantize(model, bits=4, group_size=64, clip_search_steps=0, method="rtn")
     path = result.save(tmp_path / "model.onnx", format="onnx", sample_inputs=feed)
     with torch.no_grad():
         ours = result.model(**feed).logits[0]
