@@ -341,10 +341,12 @@ def test_smoothquant_input_scales_stay_a_float_mul_ahead_of_the_integer_kernel(d
     assert cosine_stats(ours, theirs)["min"] >= MATCH
     kernels = _integer_kernels(path, tmp_path)
     assert kernels[kernel] == 3, kernels
-    multipliers = {tuple(m.input_smoothing.shape) for m in smoothed}
-    proto = onnx.load(str(path))
-    stored = {tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert multipliers <= stored  # the multipliers are in the file, as float vectors
+    from onnx import numpy_helper
+
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    for layer in smoothed:  # each multiplier is in the file as a float vector, its values exactly
+        multiplier = layer.input_smoothing.numpy()
+        assert any(a.shape == multiplier.shape and np.array_equal(a, multiplier) for a in stored)
 
 
 # -- what the format refuses -----------------------------------------------------------------
