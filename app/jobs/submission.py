@@ -141,7 +141,8 @@ def _layer_facts(options: QuantizeOptions, has_calibration: bool, runnable: bool
     points. ``runnable``: a model with a forward (a Hugging Face folder), whose token embedding
     gives statistics without calibration data. None when neither applies."""
     statistics = "calibration data" if has_calibration else "random tokens" if runnable else None
-    smoothed = options.effective_smoothing(statistics is not None) is not None
+    # folded only, no layer divides its input at run time
+    smoothed = options.effective_smoothing(statistics is not None) is not None and not options.smoothing_folded_only
     float_zero_point = options.layer_method(options.bits, statistics) == "hqq" and not options.symmetric
     if not (smoothed or float_zero_point):
         return None

@@ -366,12 +366,21 @@ class QuantizeOptions:
     smoothing: float | None = _opt(
         None,
         "int8 with activations: SmoothQuant alpha moving activation outliers into the weights, measured on "
-        "calibration_data, else on random tokens (models with a token embedding). Default for dynamic int8: "
-        f"{DEFAULT_SMOOTHING_ALPHA} from random tokens, or an alpha per layer group chosen on the calibration "
-        "data; static int8: off unless set (0.8 suits it: MiniLM 0.9934 -> 0.9975); 0 turns it off",
+        "calibration_data, else on random tokens (models with a token embedding). Default: "
+        f"{DEFAULT_SMOOTHING_ALPHA} from random tokens (dynamic int8), or with calibration data an alpha per "
+        "layer group (or none, static) chosen by int8's output error on it; 0 turns it off",
         value_type=float,
         applies=lambda o: o.bits == 8 and not o.weight_only,
         applies_text="int8 dynamic or static (not weight_only)",
+    )
+    smoothing_folded_only: bool | None = _opt(
+        None,
+        "smooth only the layers whose scale folds into the layer before them (a norm, the value or up "
+        "projection), so no layer divides its input at run time: what formats without input scales store "
+        "(compressed-tensors; `--format` and the service's export_formats set it). Default False",
+        value_type=bool,
+        applies=lambda o: o.bits == 8 and not o.weight_only and o.smoothing != 0,
+        applies_text="int8 dynamic or static with smoothing (not weight_only, not smoothing=0)",
     )
     layer_overrides: tuple[tuple[str, str], ...] | None = _opt(
         None,
@@ -733,24 +742,22 @@ class QuantizeOptions:
     def effective_smoothing(self, has_statistics: bool) -> float | None:
         """SmoothQuant's alpha for this run, or None. ``has_statistics``: the run has inputs to
         measure activations on (calibration data, or random tokens through a token embedding).
-        Dynamic int8 is smoothed unless ``smoothing=0`` (MiniLM 0.9972 -> 0.9990 from calibration
-        sentences, 0.9988 from random tokens); static only when ``smoothing`` is set."""
+        int8 with activations (dynamic or static) is smoothed unless ``smoothing=0``: MiniLM
+        dynamic 0.9972 -> 0.9990 from calibration sentences, 0.9988 from random tokens; static
+        (calibration data only) see :meth:`smoothing_per_group`."""
         if not has_statistics or self.bits != 8 or self.weight_only or self.smoothing == 0:
             return None
-        if self.smoothing is None:
-            # Static int8 (one activation scale per tensor) is not smoothed unless asked: MiniLM
-            # 0.99336 unsmoothed, 0.9929 at 0.5, but 0.99748 at 0.8 (0.99546 at 0.9; 0.8 is the
-            # paper's per-tensor setting). Not the default: on inputs without outlier channels (a
-            # random MLP) 0.8 costs 2 dB, and static runs' every test and model would move at once.
-            return None if self.is_static else DEFAULT_SMOOTHING_ALPHA
-        return float(self.smoothing)
+        return DEFAULT_SMOOTHING_ALPHA if self.smoothing is None else float(self.smoothing)
 
     def smoothing_per_group(self, has_calibration: bool) -> bool:
         """Whether each smoothed group takes the alpha with the lowest int8 output error on its
-        calibration activations (no ``smoothing`` given, real data, dynamic int8: the error is
-        per-token int8's; MiniLM 0.99899 at a fixed 0.5 -> 0.99907). Random tokens keep the
-        fixed alpha: chosen on them it measured lower."""
-        return has_calibration and self.smoothing is None and self.activation == "dynamic"
+        calibration activations (real data and no ``smoothing`` given): per-token int8's error for
+        dynamic runs (MiniLM 0.99899 at a fixed 0.5 -> 0.99907), static int8's for static ones,
+        where leaving a group unsmoothed is a candidate too (MiniLM static 0.99336 unsmoothed,
+        0.9929 at a fixed 0.5, 0.99748 at 0.8, per group 0.99828; a fixed 0.8 costs 2 dB on inputs
+        without outlier channels, a random MLP). Random tokens keep the fixed alpha: chosen on
+        them it measured lower."""
+        return has_calibration and self.smoothing is None
 
     @property
     def float_dtype_name(self) -> str:

@@ -687,8 +687,14 @@ def _smooth(model, plan, batches, alpha, info, per_group=False):
     """SmoothQuant on a working copy (the caller's model is never modified): scales folded into
     norms / value projections where free, else returned as input scales of the Linears.
     ``per_group``: each group takes the alpha with the lowest int8 output error on samples of
-    its activations. A Linear that never ran on ``batches`` is left unsmoothed, with a note."""
-    from mono_quant.core.algorithms import apply_smoothing, collect_smoothing_statistics, smoothing_plan
+    its activations (static int8's error for a static run). A Linear that never ran on
+    ``batches`` is left unsmoothed, with a note."""
+    from mono_quant.core.algorithms import (
+        StaticActivations,
+        apply_smoothing,
+        collect_smoothing_statistics,
+        smoothing_plan,
+    )
 
     # A tied weight (lm_head = embed_tokens) is never smoothed: scaling its columns would scale
     # the embedding table it shares.
@@ -697,29 +703,39 @@ def _smooth(model, plan, batches, alpha, info, per_group=False):
         for d in plan.layers.values()
         if d.config is not None and d.kind == "linear" and d.config.activation != "none" and d.tie is None
     ]
-    with torch.inference_mode(False), torch.no_grad():
-        # copied here, not under a caller's inference_mode: the copy's weights are scaled in place
-        work = copy.deepcopy(model)
-        absmax, samples = collect_smoothing_statistics(work, batches, names, samples=per_group, strict=False)
-        groups = smoothing_plan(work, absmax, alpha, samples)
-        input_scales = apply_smoothing(work, groups)
+    options = plan.options
+    static = StaticActivations(options.activation_symmetric) if options.is_static else None
+    # statistics and plan read the caller's model (hooks, removed after); only a plan that
+    # smooths something needs the copy
+    absmax, samples = collect_smoothing_statistics(model, batches, names, samples=per_group, strict=False)
+    groups = smoothing_plan(
+        model, absmax, alpha, samples, static=static, folded_only=bool(options.smoothing_folded_only)
+    )
     unseen = [name for name in names if name not in absmax]
     if unseen:
         info.warnings.append(
             f"{len(unseen)} Linear(s) never ran on the smoothing inputs (e.g. {unseen[0]!r}): not smoothed"
         )
+    info.metrics["smoothing"] = {
+        # per_group: the base candidate; each group took the best of AUTO_ALPHA_CANDIDATES (static: or none)
+        "alpha": alpha,
+        "per_group": per_group,
+        "requested": options.smoothing is not None,
+        "folded_only": bool(options.smoothing_folded_only),
+        "layers": sum(len(group.linears) for group in groups),
+        "input_scales": sum(len(group.linears) for group in groups if group.source is None),
+    }
+    if not groups:
+        return model, {}
+    with torch.inference_mode(False), torch.no_grad():
+        # copied here, not under a caller's inference_mode: the copy's weights are scaled in place
+        work = copy.deepcopy(model)
+        input_scales = apply_smoothing(work, groups)
     # The copy must stay the float model it was (static calibration and GPTQ run it): a Linear
     # whose weight became W * s divides its input by s, as its quantized form will.
     modules = dict(work.named_modules())
     for name, scale in input_scales.items():
         modules[name].register_forward_pre_hook(_DivideInput(scale))
-    info.metrics["smoothing"] = {
-        "alpha": alpha,  # per_group: the base candidate; each group took the best of AUTO_ALPHA_CANDIDATES
-        "per_group": per_group,
-        "requested": plan.options.smoothing is not None,
-        "layers": sum(len(group.linears) for group in groups),
-        "input_scales": len(input_scales),
-    }
     return work, input_scales
 
 

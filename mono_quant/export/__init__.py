@@ -44,6 +44,9 @@ class ExportFormat:
     export: Callable[..., Any]
     float_zero_points: bool = True  # stores HQQ's float zero points
     input_scales: bool = True  # stores SmoothQuant scales that could not be folded into a layer before
+    # its consumer quantizes activations per token as we do, so smoothing folded into the layer
+    # before still pays where input scales are not stored (False: llama.cpp quantizes its own way)
+    folded_smoothing: bool = True
 
 
 # format name -> module defining FORMAT (imported on first use: each needs its own packages)
@@ -113,12 +116,13 @@ def options_for_formats(options: Any, formats: Any, has_calibration: bool) -> An
     for callers that know the formats before quantizing (the CLI's ``--format``, the service's
     ``export_formats``). Where ``method`` was left unset in an asymmetric int4 run and a format stores
     integer zero points only (compressed-tensors), the run rounds to nearest instead of using
-    HQQ (unless calibration data came for HQQ alone: the check then refuses, suggesting GPTQ);
-    where ``smoothing`` was left unset in a data-free int8 run with activations and a format
-    has no per-channel input scale (compressed-tensors, GGUF), it is not smoothed. What the
-    caller set is kept, for the format's ``check`` to refuse if it cannot be stored; so is
-    smoothing with calibration data (its only use besides GPTQ in dynamic int8: refused the
-    same way)."""
+    HQQ (unless calibration data came for HQQ alone: the check then refuses, suggesting GPTQ).
+    Where a format has no per-channel input scale, int8 with activations smooths only the layers
+    whose scale folds into the layer before (``smoothing_folded_only``: compressed-tensors, whose
+    consumers quantize activations per token as we do), or, with ``smoothing`` unset and no
+    other use for calibration data, not at all when the format's consumer gains nothing from it
+    (GGUF: llama.cpp quantizes activations itself). What the caller set is kept, for the
+    format's ``check`` to refuse if it cannot be stored."""
     import dataclasses
 
     chosen = [get_format(name) for name in formats or ()]
@@ -132,11 +136,11 @@ def options_for_formats(options: Any, formats: Any, has_calibration: bool) -> An
         and not all(f.float_zero_points for f in chosen)
     ):
         changes["method"] = "rtn"
-    if (
-        options.smoothing is None
-        and not has_calibration
-        and options.effective_smoothing(True) is not None
-        and not all(f.input_scales for f in chosen)
-    ):
-        changes["smoothing"] = 0.0
+    unstored = [f for f in chosen if not f.input_scales]
+    if unstored and options.effective_smoothing(True) is not None:
+        pointless = not all(f.folded_smoothing for f in unstored)
+        if pointless and options.smoothing is None and (not has_calibration or options.is_static):
+            changes["smoothing"] = 0.0  # static's data has its use: activation ranges
+        elif options.smoothing_folded_only is None:
+            changes["smoothing_folded_only"] = True
     return dataclasses.replace(options, **changes) if changes else options

@@ -185,9 +185,11 @@ def _check_layer(name: str, layer: Mapping[str, Any]) -> None:
         raise ConfigurationError(
             f"layer {name!r} divides its input by a SmoothQuant scale that could not be folded into the layer "
             "before it; compressed-tensors has no per-channel input scale, so the folder would compute differently",
-            suggestion="Quantize with smoothing=0 for this export (dynamic int8 smooths by default, from the "
-            "calibration data or random tokens; `monoquant quantize --format compressed-tensors` and the service's "
-            "export_formats do so themselves), or export to ONNX / mono_quant's own format.",
+            suggestion="Quantize with smoothing_folded_only=True (smoothing where it folds into the layer before) or "
+            "smoothing=0 for this export (int8 with activations smooths by default: dynamic from the calibration "
+            "data or random tokens, static from its calibration data; `monoquant quantize --format "
+            "compressed-tensors` and the service's export_formats set the first themselves), or export to ONNX / "
+            "mono_quant's own format.",
         )
     if layer.get("float_zero_point"):
         raise ConfigurationError(
@@ -621,4 +623,5 @@ FORMAT = ExportFormat(
     export=export,
     float_zero_points=False,
     input_scales=False,
+    folded_smoothing=True,
 )

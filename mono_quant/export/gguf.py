@@ -660,4 +660,5 @@ FORMAT = ExportFormat(
     export=export,
     float_zero_points=True,
     input_scales=False,
+    folded_smoothing=False,
 )

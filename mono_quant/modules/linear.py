@@ -279,7 +279,7 @@ class QuantizedLinear(QuantizedModule):
         config = self.config
         smoothing = self.input_smoothing if config.smoothed_input else None
         if config.activation == "static":
-            out = self._forward_static(x2d if smoothing is None else x2d * smoothing)
+            out = self._forward_static(x2d, smoothing)
         elif config.bits == 4:
             out = self._forward_int4(x2d if smoothing is None else x2d * smoothing)
         else:  # int8 folds the smoothing into its per-token quantization (one pass less)
@@ -361,10 +361,16 @@ class QuantizedLinear(QuantizedModule):
         bias = None if self.bias is None else self.bias.to(compute_dtype)
         return F.linear(x2d.to(compute_dtype), weight, bias)
 
-    def _forward_static(self, x2d: torch.Tensor) -> torch.Tensor:
+    def _forward_static(self, x2d: torch.Tensor, smoothing: torch.Tensor | None = None) -> torch.Tensor:
+        """Static int8 activations; ``smoothing``: the input multiplier (1 / s), or None, folded
+        into the division by the activation scale (one pass, as without it)."""
         spec: QuantSpec = INT8_SYMMETRIC if self.config.activation_symmetric else INT8_ASYMMETRIC
         scale, zp = self.input_scale, self.input_zero_point
-        rounded = torch.div(x2d.float(), scale).round_().add_(zp).clamp_(spec.qmin, spec.qmax)
+        if smoothing is None:
+            scaled = torch.div(x2d.float(), scale)
+        else:
+            scaled = torch.mul(x2d.float(), smoothing / scale)
+        rounded = scaled.round_().add_(zp).clamp_(spec.qmin, spec.qmax)
         if x2d.device.type == "cpu":
             onednn = self._onednn_weight()
             if onednn:  # uint8 activations: shift by 128, zero point with them

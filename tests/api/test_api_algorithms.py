@@ -43,6 +43,62 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert _error_db(model, gptq.model, held_out) > _error_db(model, rtn.model, held_out) + 1.0
 
 
+def test_static_int8_smooths_each_group_by_its_static_error_and_leaves_it_where_that_is_best():
+    """Static int8 with calibration data (always there) smooths by default: each group's alpha, or
+    none, by static int8's output error on its calibration samples (one activation scale per tensor)."""
+    model, calibration, held_out = _correlated_mlp(2)
+    unsmoothed = quantize(model, bits=8, calibration_data=calibration, smoothing=0)
+    smoothed = quantize(model, bits=8, calibration_data=calibration)
+    assert smoothed, smoothed.errors
+    assert smoothed.info.metrics["smoothing"]["per_group"]
+    assert smoothed.model[0].config.smoothed_input  # the outlier channel's group took an alpha
+    # measured +2.6 dB (a fixed 0.5: +2.6, 0.8: +1.9)
+    assert _error_db(model, smoothed.model, held_out) > _error_db(model, unsmoothed.model, held_out) + 2.0
+    # inputs without outlier channels: any alpha costs static int8 accuracy, so none is taken
+    torch.manual_seed(3)
+    plain_model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    data, test = torch.randn(512, 64), torch.randn(256, 64)
+    default = quantize(plain_model, bits=8, calibration_data=data)
+    forced = quantize(plain_model, bits=8, calibration_data=data, smoothing=0.8)
+    off = quantize(plain_model, bits=8, calibration_data=data, smoothing=0)
+    assert not default.model[0].config.smoothed_input
+    assert _error_db(plain_model, default.model, test) >= _error_db(plain_model, off.model, test) - 0.2
+    assert _error_db(plain_model, default.model, test) > _error_db(plain_model, forced.model, test) + 1.0
+
+
+def test_smoothing_folded_only_leaves_no_layer_dividing_its_input():
+    """A tiny Llama: q/k/v and gate/up fold into their norms, down_proj into up_proj; o_proj
+    (grouped-query attention) has nowhere to fold. Folded only, it is left unsmoothed and the
+    result stores in compressed-tensors."""
+    pytest.importorskip("transformers")
+    from mono_quant.export import get_format
+    from mono_quant.testing import tiny_llama
+
+    model = tiny_llama(num_key_value_heads=2)
+    tokens = [
+        {"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)
+    ]
+    full = quantize(model, bits=8, dynamic=True, calibration_data=tokens)
+    folded = quantize(model, bits=8, dynamic=True, calibration_data=tokens, smoothing_folded_only=True)
+    smoothed = [
+        n for n, m in full.model.named_modules() if getattr(getattr(m, "config", None), "smoothed_input", False)
+    ]
+    assert smoothed and all(n.endswith("o_proj") for n in smoothed)
+    assert not any(getattr(getattr(m, "config", None), "smoothed_input", False) for m in folded.model.modules())
+    metrics = folded.info.metrics["smoothing"]
+    assert metrics["folded_only"] and metrics["input_scales"] == 0
+    assert metrics["layers"] == full.info.metrics["smoothing"]["layers"] - len(smoothed) > 0
+    # the norms carry the folded scales: the float model computes the same, so the outputs stay close
+    with torch.inference_mode():
+        reference, ours = model(**tokens[0]).logits, folded.model(**tokens[0]).logits
+    assert sqnr(reference, ours) > 25
+    get_format("compressed-tensors").check(folded.info)  # no input scale to refuse
+    with pytest.raises(ConfigurationError, match="smoothing_folded_only=True"):
+        get_format("compressed-tensors").check(full.info)
+    with pytest.raises(ConfigurationError, match="smoothing_folded_only"):
+        quantize(model, bits=8, dynamic=True, smoothing=0, smoothing_folded_only=True)
+
+
 def test_smoothing_helps_dynamic_int8_with_an_outlier_channel(tmp_path):
     model, calibration, held_out = _correlated_mlp(1)
     plain = quantize(model, bits=8, dynamic=True)

@@ -39,9 +39,10 @@ def minilm():
         # the data-free default: HQQ weighted by input mean squares on random tokens (issue 12: >= 0.975)
         ({"bits": 4}, False, 0.975),
         ({"bits": 4, "method": "rtn"}, False, 0.96),
-        # static int8 (issue 12: >= 0.997): with SmoothQuant alpha 0.8 (asked for: static is not
-        # smoothed by default); measured 0.99748 (unsmoothed 0.99336)
-        ({"bits": 8, "smoothing": 0.8}, True, 0.997),
+        # static int8 (issue 12: >= 0.997), the default: SmoothQuant with an alpha (or none) per group
+        # by static int8's error on held-out halves of the samples; measured 0.99828 (unsmoothed
+        # 0.99336, a fixed 0.8 0.99748)
+        ({"bits": 8}, True, 0.998),
     ],
     ids=[
         "int8-dynamic-unsmoothed",

@@ -254,15 +254,18 @@ def test_text_calibration_held_out_perplexity_and_export(service, tiny_llama):
     assert onnx_bytes[:2] == b"\x08\x0a" or len(onnx_bytes) > 1000  # a protobuf ModelProto
 
 
-def test_smoothquant_run_refuses_exports_without_input_scales(paused_service, tiny_llama):
-    response = paused_service.post(
-        "/v1/quantize",
-        files={**upload(tiny_llama), **_text("calibration.txt", _paragraphs(4))},
-        data={"bits": "8", "dynamic": "true", "export_formats": "compressed-tensors"},
-    )
+def test_smoothquant_run_for_a_format_without_input_scales_smooths_where_it_folds(paused_service, tiny_llama):
+    """compressed-tensors stores no input scale: the job smooths only where the scale folds into
+    the layer before (the default export_formats picks); asked to smooth everywhere, it is a 422."""
+    files = {**upload(tiny_llama), **_text("calibration.txt", _paragraphs(4))}
+    data = {"bits": "8", "dynamic": "true", "export_formats": "compressed-tensors"}
+    response = paused_service.post("/v1/quantize", files=files, data={**data, "smoothing_folded_only": "false"})
     body = assert_problem(response, 422, "configuration-error")
-    assert "SmoothQuant" in body["detail"] and "smoothing" in body["suggestion"]
+    assert "SmoothQuant" in body["detail"] and "smoothing_folded_only=True" in body["suggestion"]
     _no_jobs(paused_service)
+    response = paused_service.post("/v1/quantize", files=files, data=data)
+    assert response.status_code == 202, response.text
+    assert len(paused_service.get("/v1/jobs").json()["items"]) == 1
 
 
 def test_eval_upload_and_jsonl_calibration_by_id(service, tiny_llama):

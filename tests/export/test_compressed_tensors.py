@@ -24,12 +24,12 @@ from mono_quant.export import compressed_tensors as ct_export
 ct = pytest.importorskip("compressed_tensors")
 pytest.importorskip("transformers")
 
-# compressed-tensors has no per-channel input scale and no float zero point: the data-free
-# defaults that need them (SmoothQuant from random tokens, HQQ) are turned off here, as
+# compressed-tensors has no per-channel input scale and no float zero point: the defaults that
+# need them (SmoothQuant from random tokens or static's calibration data, HQQ) are turned off here, as
 # options_for_formats does for the CLI's --format and the service's export_formats.
 MINILM_CASES = {
     "w8a8-dynamic": dict(bits=8, dynamic=True, smoothing=0),
-    "w8a8-static": dict(bits=8, dynamic=False),  # calibration_data added by the fixture
+    "w8a8-static": dict(bits=8, dynamic=False, smoothing=0),  # calibration_data added by the fixture
     "w8a16": dict(bits=8, weight_only=True),
     "w4a16-sym": dict(bits=4, scheme="symmetric", group_size=128),
     "w4a16-asym": dict(bits=4, group_size=128, method="rtn"),
@@ -241,6 +241,9 @@ def test_minilm_corrupted_tensor_is_caught(minilm_exports, tmp_path):
 # -- SmolLM2 --------------------------------------------------------------------------------------------
 SMOLLM2_CASES = {
     "w8a8-dynamic": dict(bits=8, dynamic=True, smoothing=0),
+    # the default data-free smoothing, where it folds into norms / up_proj (what --format sets):
+    # every layer but o_proj (grouped-query attention) smoothed, the folded scales in the norms
+    "w8a8-dynamic-folded": dict(bits=8, dynamic=True, smoothing_folded_only=True),
     # group 64 divides every SmolLM2 width. With 128, the 576-wide layers (partial last group)
     # are written as groups of 64 next to 1536-wide ones in groups of 128, and transformers'
     # dequantize path (the only one for asymmetric W4A16, see above) then fails to load.
@@ -270,6 +273,12 @@ def _with_token_grid(float_model: nn.Module, quantized: nn.Module) -> nn.Module:
     from mono_quant.modules import QuantizedEmbedding, QuantizedLinear
 
     emulated = copy.deepcopy(float_model)
+    # float parameters of the result (norms that carry folded smoothing scales) replace the model's
+    floats = dict(emulated.named_parameters())
+    with torch.no_grad():
+        for name, parameter in quantized.named_parameters():
+            if name in floats and floats[name].shape == parameter.shape:
+                floats[name].copy_(parameter)
     for name, module in quantized.named_modules():
         parent_name, _, child = name.rpartition(".")
         parent = emulated.get_submodule(parent_name) if parent_name else emulated
@@ -308,6 +317,9 @@ def test_smollm2_transformers_perplexity_matches_ours(smollm2, smollm2_exports, 
 
     exports, windows = smollm2_exports
     result, path, ours = exports[case]
+    if case == "w8a8-dynamic-folded":  # q/k/v, gate/up and down_proj of 30 layers; o_proj has no fold
+        smoothing = result.info.metrics["smoothing"]
+        assert smoothing["folded_only"] and smoothing["input_scales"] == 0 and smoothing["layers"] == 30 * 6
     config = json.loads((path / "config.json").read_text())
     quantization = config["quantization_config"]
     with safe_open(str(path / "model.safetensors"), "pt") as handle:

@@ -13,10 +13,15 @@ def test_defaults_a_format_cannot_store_give_way_and_explicit_options_stay():
     int4, int8 = QuantizeOptions(bits=4), QuantizeOptions(bits=8, dynamic=True)
     # compressed-tensors: integer zero points, no input scales
     assert options_for_formats(int4, ["compressed-tensors"], False).method == "rtn"
-    assert options_for_formats(int8, ["compressed-tensors"], False).smoothing == 0
-    # GGUF: Q4_1 takes HQQ's float minimum; no input scales (llama.cpp quantizes activations itself)
+    # ... so int8 smooths only where the scale folds into the layer before (its consumers quantize
+    # activations per token, as we do)
+    for_ct = options_for_formats(int8, ["compressed-tensors"], False)
+    assert for_ct.smoothing is None and for_ct.smoothing_folded_only is True
+    # GGUF: Q4_1 takes HQQ's float minimum; no input scales, and llama.cpp quantizes activations
+    # itself: no smoothing
     assert options_for_formats(int4, ["gguf"], False).method is None
     assert options_for_formats(int8, ["gguf"], False).smoothing == 0
+    assert options_for_formats(int8, ["gguf", "onnx"], False).smoothing == 0
     # ONNX stores both; no format, no change
     assert options_for_formats(int4, ["onnx"], False) == int4
     symmetric = QuantizeOptions(bits=4, scheme="symmetric")  # symmetric HQQ keeps integer zero points
@@ -34,8 +39,16 @@ def test_defaults_a_format_cannot_store_give_way_and_explicit_options_stay():
             }
         )
     assert "method='rtn'" in info.value.suggestion
-    # calibration data in dynamic int8 is there for smoothing: kept, and refused by the check
-    assert options_for_formats(int8, ["compressed-tensors"], True) == int8
+    # calibration data in dynamic int8 is there for smoothing: kept, folded only
+    assert options_for_formats(int8, ["compressed-tensors"], True).smoothing_folded_only is True
+    assert options_for_formats(int8, ["gguf"], True).smoothing_folded_only is True
+    assert options_for_formats(QuantizeOptions(bits=8, dynamic=True, smoothing=0), ["compressed-tensors"], True) == (
+        QuantizeOptions(bits=8, dynamic=True, smoothing=0)
+    )
+    # static int8: smoothed with its calibration data, folded only
+    static = QuantizeOptions(bits=8)
+    assert options_for_formats(static, ["compressed-tensors"], True).smoothing_folded_only is True
+    assert options_for_formats(static, ["onnx"], True) == static
     # calibration data for int4 alone serves HQQ: kept (the check suggests GPTQ); with a target it is kept
     assert options_for_formats(int4, ["compressed-tensors"], True) == int4
     target = QuantizeOptions(bits=4, max_accuracy_loss=0.01)

@@ -39,10 +39,12 @@ from torch import nn
 
 from mono_quant.core.calibration import run_calibration_batch
 from mono_quant.core.options import DEFAULT_SMOOTHING_ALPHA
+from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, choose_qparams, quantize
 from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = [
     "SmoothingGroup",
+    "StaticActivations",
     "collect_activation_absmax",
     "collect_input_mean_squares",
     "collect_activation_samples",
@@ -107,7 +109,8 @@ def _observe_inputs(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    was_training = model.training
+    # each module's own flag: a model in training mode may hold frozen (eval) parts
+    training_flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
@@ -116,7 +119,8 @@ def _observe_inputs(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, flag in training_flags:
+            module.training = flag
     missing = [name for name in names if name not in seen]
     if missing and strict:
         raise InputError(
@@ -316,16 +320,24 @@ def smoothing_plan(
     alpha: float = DEFAULT_SMOOTHING_ALPHA,
     activation_samples: dict[str, torch.Tensor] | None = None,
     alpha_candidates: Iterable[float] = AUTO_ALPHA_CANDIDATES,
+    static: StaticActivations | None = None,
+    folded_only: bool = False,
 ) -> list[SmoothingGroup]:
     """Where each Linear in ``activation_absmax`` gets its smoothing scale and its ``1 / s``.
 
     Recognised blocks (pre-norm decoders with ``input_layernorm``/``self_attn``/``mlp``, BERT
     layers) give the folds described in the module docstring; Linears sharing an input share
     one scale. Any other Linear in ``activation_absmax`` gets an unfoldable group of its own.
+
     With ``activation_samples`` (:func:`collect_activation_samples`), each group takes the alpha
-    among ``alpha_candidates`` and ``alpha`` whose int8 dynamic output error on its samples is
-    lowest (measured on MiniLM, calibrated and evaluated on different sentences: 0.99897 at a
-    fixed 0.5, 0.99905 chosen per group). Reads the model only.
+    among ``alpha_candidates`` and ``alpha`` whose int8 output error on its samples is lowest:
+    per-token int8's (dynamic), or with ``static`` (:func:`_int8_static_error`) one activation
+    scale per tensor, measured on samples its range was not taken from, where no smoothing at
+    all is a candidate too: a group it wins for is left out of the plan. ``folded_only``: groups
+    with no source to fold into are left out (nothing divides its input at run time). Measured on MiniLM,
+    calibrated and evaluated on different sentences: dynamic 0.99897 at a fixed 0.5, 0.99905
+    chosen per group; static 0.99336 unsmoothed, 0.99748 at a fixed 0.8, 0.99828 per group.
+    Reads the model only.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3))
@@ -346,19 +358,46 @@ def smoothing_plan(
             planned.append((source, present))
             covered.update(present)
     planned.extend((None, [name]) for name in activation_absmax if name not in covered)
+    if folded_only:
+        planned = [(source, linears) for source, linears in planned if source is not None]
     plan = []
+    fewest = 1 if static is None else 2  # static measures on one half of the samples, fits on the other
     for source, linears in planned:
         weights = [modules[lin].weight for lin in linears]
         # Linears sharing an input saw the same activation: their maxima agree; take the max anyway.
         act = torch.stack([activation_absmax[lin].float() for lin in linears]).amax(dim=0)
-        scales = smoothing_scales(act, weights, alpha)
+        chosen: float | None = alpha
         samples = [activation_samples.get(lin) for lin in linears] if activation_samples else []
-        if samples and all(sample is not None and sample.shape[0] for sample in samples):
-            candidates = sorted({float(alpha), *alpha_candidates})
-            errors = [_int8_dynamic_error(samples, weights, smoothing_scales(act, weights, a)) for a in candidates]
-            scales = smoothing_scales(act, weights, candidates[errors.index(min(errors))])
-        plan.append(SmoothingGroup(source, linears, scales))
+        if samples and all(sample is not None and sample.shape[0] >= fewest for sample in samples):
+            candidates: list[float | None] = sorted({float(alpha), *alpha_candidates})
+            if static is None:
+                errors = [_int8_dynamic_error(samples, weights, smoothing_scales(act, weights, a)) for a in candidates]
+            else:
+                candidates.insert(0, None)
+                errors = [_int8_static_error(samples, weights, a, static.symmetric) for a in candidates]
+            chosen = candidates[errors.index(min(errors))]
+        if chosen is None:
+            continue  # unsmoothed is best: no scale, and no input multiplier to run
+        plan.append(SmoothingGroup(source, linears, smoothing_scales(act, weights, chosen)))
     return plan
+
+
+class StaticActivations(NamedTuple):
+    """Static int8's activations, for :func:`smoothing_plan`'s error: one scale per tensor, the
+    min/max observer's over the calibration range, on a ``symmetric`` or asymmetric grid."""
+
+    symmetric: bool = False
+
+
+def _relative_error(approx: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((approx - reference).square().sum() / reference.square().sum().clamp(min=1e-30))
+
+
+def _int8_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``weight * scales`` fake-quantized per output channel, symmetric int8."""
+    ws = weight * scales
+    step = ws.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    return torch.round(ws / step) * step
 
 
 def _int8_dynamic_error(samples: list[torch.Tensor], weights: list[torch.Tensor], scales: torch.Tensor) -> float:
@@ -369,12 +408,38 @@ def _int8_dynamic_error(samples: list[torch.Tensor], weights: list[torch.Tensor]
     for x, weight in zip(samples, weights, strict=True):
         w = weight.detach().float().to(x.device)
         s = scales.to(x.device)
-        reference = x @ w.t()
-        xs, ws = x / s, w * s
+        xs = x / s
         x_step = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        w_step = ws.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        approx = (torch.round(xs / x_step) * x_step) @ (torch.round(ws / w_step) * w_step).t()
-        total += float((approx - reference).square().sum() / reference.square().sum().clamp(min=1e-30))
+        total += _relative_error((torch.round(xs / x_step) * x_step) @ _int8_weights(w, s).t(), x @ w.t())
+    return total
+
+
+def _int8_static_error(
+    samples: list[torch.Tensor], weights: list[torch.Tensor], alpha: float | None, symmetric: bool
+) -> float:
+    """As :func:`_int8_dynamic_error` for static int8 smoothed at ``alpha`` (None: unsmoothed),
+    two-fold: the scales (``alpha``'s, from the activation maxima) and the per-tensor activation
+    range come from every other sample row, the error is measured on the rows in between, and
+    the other way round.
+
+    Measured in-sample the error misleads: a scale fitted to the calibration maxima evens out
+    every channel's extreme, so the tensor's range sits at the calibration extremes of many
+    channels at once and new inputs overshoot it (a random MLP on Gaussian inputs, 128
+    calibration rows: alpha 0.8 measured 25% *less* error than none in-sample, 10x more on
+    held-out rows, and 12 dB less SQNR once quantized)."""
+    spec = INT8_SYMMETRIC if symmetric else INT8_ASYMMETRIC
+    weights = [weight.detach().float().to(samples[0].device) for weight in weights]
+    total = 0.0
+    for fit, held in ((0, 1), (1, 0)):
+        fitted = [x[fit::2] for x in samples]
+        scales = torch.ones(samples[0].shape[1], device=samples[0].device)
+        if alpha is not None:
+            act = torch.stack([x.abs().amax(dim=0) for x in fitted]).amax(dim=0)
+            scales = smoothing_scales(act, weights, alpha)
+        for x_fit, x, w in zip(fitted, (x[held::2] for x in samples), weights, strict=True):
+            step, zero_point = choose_qparams((x_fit / scales).amin(), (x_fit / scales).amax(), spec)
+            xq = (quantize(x / scales, step, zero_point, spec).float() - zero_point) * step
+            total += _relative_error(xq @ _int8_weights(w, scales).t(), x @ w.t())
     return total
 
 
