@@ -370,11 +370,16 @@ def smoothing_plan(
         samples = [activation_samples.get(lin) for lin in linears] if activation_samples else []
         if samples and all(sample is not None and sample.shape[0] >= fewest for sample in samples):
             candidates: list[float | None] = sorted({float(alpha), *alpha_candidates})
+            # every candidate is compared with the same float outputs: computed once
+            floats = [w.detach().float().to(x.device) for x, w in zip(samples, weights, strict=True)]
+            outputs = [x @ w.t() for x, w in zip(samples, floats, strict=True)]
             if static is None:
-                errors = [_int8_dynamic_error(samples, weights, smoothing_scales(act, weights, a)) for a in candidates]
+                errors = [
+                    _int8_dynamic_error(samples, floats, smoothing_scales(act, weights, a), outputs) for a in candidates
+                ]
             else:
                 candidates.insert(0, None)
-                errors = [_int8_static_error(samples, weights, a, static.symmetric) for a in candidates]
+                errors = [_int8_static_error(samples, floats, a, static.symmetric, outputs) for a in candidates]
             chosen = candidates[errors.index(min(errors))]
         if chosen is None:
             continue  # unsmoothed is best: no scale, and no input multiplier to run
@@ -400,22 +405,33 @@ def _int8_weights(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.round(ws / step) * step
 
 
-def _int8_dynamic_error(samples: list[torch.Tensor], weights: list[torch.Tensor], scales: torch.Tensor) -> float:
+def _int8_dynamic_error(
+    samples: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    scales: torch.Tensor,
+    outputs: list[torch.Tensor] | None = None,
+) -> float:
     """Relative squared output error of int8 dynamic (per-token symmetric activations,
     per-channel symmetric weights) of Linears ``weights [N_i, K]`` on their inputs
-    ``samples [T, K]`` after smoothing with ``scales [K]``, summed over the Linears."""
+    ``samples [T, K]`` after smoothing with ``scales [K]``, summed over the Linears.
+    ``outputs``: the float ``x @ w^T`` of each, when the caller has them."""
     total = 0.0
-    for x, weight in zip(samples, weights, strict=True):
+    for i, (x, weight) in enumerate(zip(samples, weights, strict=True)):
         w = weight.detach().float().to(x.device)
         s = scales.to(x.device)
         xs = x / s
         x_step = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        total += _relative_error((torch.round(xs / x_step) * x_step) @ _int8_weights(w, s).t(), x @ w.t())
+        reference = x @ w.t() if outputs is None else outputs[i]
+        total += _relative_error((torch.round(xs / x_step) * x_step) @ _int8_weights(w, s).t(), reference)
     return total
 
 
 def _int8_static_error(
-    samples: list[torch.Tensor], weights: list[torch.Tensor], alpha: float | None, symmetric: bool
+    samples: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    alpha: float | None,
+    symmetric: bool,
+    outputs: list[torch.Tensor] | None = None,
 ) -> float:
     """As :func:`_int8_dynamic_error` for static int8 smoothed at ``alpha`` (None: unsmoothed),
     two-fold: the scales (``alpha``'s, from the activation maxima) and the per-tensor activation
@@ -429,6 +445,8 @@ def _int8_static_error(
     held-out rows, and 12 dB less SQNR once quantized)."""
     spec = INT8_SYMMETRIC if symmetric else INT8_ASYMMETRIC
     weights = [weight.detach().float().to(samples[0].device) for weight in weights]
+    if outputs is None:
+        outputs = [x @ w.t() for x, w in zip(samples, weights, strict=True)]
     total = 0.0
     for fit, held in ((0, 1), (1, 0)):
         fitted = [x[fit::2] for x in samples]
@@ -436,10 +454,10 @@ def _int8_static_error(
         if alpha is not None:
             act = torch.stack([x.abs().amax(dim=0) for x in fitted]).amax(dim=0)
             scales = smoothing_scales(act, weights, alpha)
-        for x_fit, x, w in zip(fitted, (x[held::2] for x in samples), weights, strict=True):
+        for x_fit, x, w, reference in zip(fitted, samples, weights, outputs, strict=True):
             step, zero_point = choose_qparams((x_fit / scales).amin(), (x_fit / scales).amax(), spec)
-            xq = (quantize(x / scales, step, zero_point, spec).float() - zero_point) * step
-            total += _relative_error(xq @ _int8_weights(w, scales).t(), x @ w.t())
+            xq = (quantize(x[held::2] / scales, step, zero_point, spec).float() - zero_point) * step
+            total += _relative_error(xq @ _int8_weights(w, scales).t(), reference[held::2])
     return total
 
 
