@@ -357,9 +357,8 @@ class QuantizeOptions:
         None,
         "how integer weights are rounded: 'rtn' (round to nearest), 'hqq' (half-quadratic, float zero points, "
         "each input feature weighted by its mean square on the calibration data, else on random tokens) or "
-        "'gptq' (Hessian-aware, needs calibration_data). Default: int4 and dynamic int8 with calibration_data "
-        "'gptq' (outside a max_accuracy_loss search); without, 'hqq' when the model has a token embedding; "
-        "'rtn' otherwise",
+        "'gptq' (Hessian-aware, needs calibration_data). Default: int4 with calibration_data 'gptq' (outside a "
+        "max_accuracy_loss search); without, 'hqq' when the model has a token embedding; 'rtn' otherwise",
         choices=VALID_METHODS,
         applies=_integer,
         applies_text="bits=4 or bits=8",
@@ -668,12 +667,10 @@ class QuantizeOptions:
 
     def uses_calibration(self) -> bool:
         """Whether calibration data has a use in this run: static int8 (activation ranges),
-        GPTQ (Hessians: asked for, or int4's and dynamic int8's default) or SmoothQuant (int8
-        with activations)."""
+        GPTQ (Hessians) or SmoothQuant (int8 with activations)."""
         return (
             self.is_static
             or self.effective_method == "gptq"
-            or (self.method is None and self.bits == 8 and self.dynamic)  # GPTQ, its default with data
             or self.uses_importance()
             or (self.bits == 8 and not self.weight_only and self.smoothing != 0)
             or self.max_accuracy_loss is not None
@@ -684,30 +681,26 @@ class QuantizeOptions:
         no method given (its default, see :meth:`layer_method`)."""
         return self.method == "hqq" or (self.method is None and self.bits == 4)
 
-    def layer_method(
-        self, bits: int, statistics: str | None, output_head: bool = False, activation: str = "none"
-    ) -> str:
-        """How the weight of a Linear quantized to ``bits`` (its activations: ``activation``) is
-        rounded: the ``method`` given, else by what the run has to measure on (``statistics``:
-        "calibration data", "random tokens" through the model's token embedding, or None):
+    def layer_method(self, bits: int, statistics: str | None, output_head: bool = False) -> str:
+        """How the weight of a Linear quantized to ``bits`` is rounded: the ``method`` given, else
+        by what the run has to measure on (``statistics``: "calibration data", "random tokens"
+        through the model's token embedding, or None):
 
-        * calibration data: GPTQ for int4 layers and dynamic int8 ones (not the output head, nor
-          inside a ``max_accuracy_loss`` search, whose every trial would re-run it);
+        * calibration data: GPTQ for int4 layers (not the output head, nor inside a
+          ``max_accuracy_loss`` search, whose every trial would re-run it);
         * otherwise, for int4 with statistics: HQQ weighted by each input's mean square;
         * else round-to-nearest (static and weight-only int8 included).
 
         Measured (bench/accuracy_algorithms.py, tests/api): MiniLM int4 g128 embedding cosine
         0.9619 round-to-nearest, 0.9777 HQQ from random tokens, 0.984 GPTQ (32 sentences);
         SmolLM2 int4: HQQ closes ~50% of round-to-nearest's perplexity gap to fp32, GPTQ 64-83%.
-        Dynamic int8 with calibration (+ SmoothQuant per group): MiniLM 0.99896 round-to-nearest,
-        0.99918 GPTQ; SmolLM2 perplexity +1.19% -> +0.86% over fp32 on 8 windows, for 2.8x the
-        time (32 s -> 90 s on 2 cores, session 6, quiet). Static int8 keeps round-to-nearest
-        (unsmoothed 0.99336, GPTQ 0.99381 for 7x the time).
+        int8 keeps round-to-nearest: MiniLM dynamic with calibration + SmoothQuant 0.99896
+        (``method="gptq"``: 0.99918, for several times the time; SmolLM2 not measured quiet),
+        static 0.99336 (GPTQ 0.99381 for 7x the time).
         Without statistics HQQ is no better than round-to-nearest (0.9610), which is faster."""
         if self.method is not None:
             return self.method
-        gptq_layer = bits == 4 or (bits == 8 and activation == "dynamic")
-        if statistics == "calibration data" and gptq_layer and not output_head and self.max_accuracy_loss is None:
+        if statistics == "calibration data" and bits == 4 and not output_head and self.max_accuracy_loss is None:
             return "gptq"
         return "hqq" if bits == 4 and statistics is not None else "rtn"
 
@@ -721,10 +714,10 @@ class QuantizeOptions:
             raise ConfigurationError(
                 f"calibration data was given, but {self.mode_name} with method={self.effective_method!r} "
                 "does not use it",
-                suggestion="Calibration data is used by static int8, by method=gptq / hqq, by int4's and dynamic "
-                "int8's default rounding (GPTQ), by SmoothQuant and by max_accuracy_loss: add method=gptq for "
-                "weight-only int8, or drop the calibration data (over HTTP, text sent as the eval file is measured, "
-                "not calibrated on).",
+                suggestion="Calibration data is used by static int8, by method=gptq / hqq, by int4's default "
+                "rounding (GPTQ), by SmoothQuant and by max_accuracy_loss: add method=gptq for weight-only "
+                "int8, or drop the "
+                "calibration data (over HTTP, text sent as the eval file is measured, not calibrated on).",
             )
         if self.effective_method == "gptq" and not has_calibration:
             raise ConfigurationError(

@@ -397,7 +397,7 @@ def decide(
     if override is not None and bits == 4 and options.bits != 4:
         symmetric = options.scheme == "symmetric"
     # GPTQ / HQQ round Linear weights; tables, convolutions and RNNs keep round-to-nearest.
-    method = options.layer_method(bits, statistics, output_head, activation) if kind == "linear" else "rtn"
+    method = options.layer_method(bits, statistics, output_head) if kind == "linear" else "rtn"
     config = LayerQuantConfig(
         bits=bits,
         symmetric=symmetric,

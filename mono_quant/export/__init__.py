@@ -139,13 +139,8 @@ def options_for_formats(options: Any, formats: Any, has_calibration: bool) -> An
     unstored = [f for f in chosen if not f.input_scales]
     if unstored and options.effective_smoothing(True) is not None:
         pointless = not all(f.folded_smoothing for f in unstored)
-        # off only where the data (if any) keeps another use: static's ranges, GPTQ, a target
-        data_kept = (
-            not has_calibration
-            or dataclasses.replace(options, smoothing=0.0, smoothing_folded_only=None).uses_calibration()
-        )
-        if pointless and options.smoothing is None and data_kept:
-            changes["smoothing"] = 0.0
+        if pointless and options.smoothing is None and (not has_calibration or options.is_static):
+            changes["smoothing"] = 0.0  # static's data has its use: activation ranges
         elif options.smoothing_folded_only is None:
             changes["smoothing_folded_only"] = True
     return dataclasses.replace(options, **changes) if changes else options

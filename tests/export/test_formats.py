@@ -39,12 +39,9 @@ def test_defaults_a_format_cannot_store_give_way_and_explicit_options_stay():
             }
         )
     assert "method='rtn'" in info.value.suggestion
-    # calibration data in dynamic int8 is there for smoothing and GPTQ: folded only for
-    # compressed-tensors; GGUF's smoothing is off, the data still rounds the weights
+    # calibration data in dynamic int8 is there for smoothing: kept, folded only
     assert options_for_formats(int8, ["compressed-tensors"], True).smoothing_folded_only is True
-    assert options_for_formats(int8, ["gguf"], True).smoothing == 0
-    rtn = QuantizeOptions(bits=8, dynamic=True, method="rtn")  # smoothing is the data's only use: kept
-    assert options_for_formats(rtn, ["gguf"], True).smoothing_folded_only is True
+    assert options_for_formats(int8, ["gguf"], True).smoothing_folded_only is True
     assert options_for_formats(QuantizeOptions(bits=8, dynamic=True, smoothing=0), ["compressed-tensors"], True) == (
         QuantizeOptions(bits=8, dynamic=True, smoothing=0)
     )
