@@ -33,6 +33,7 @@ from mono_quant.core.options import QuantizeOptions
 from mono_quant.core.plan import LayerQuantConfig, QuantizationPlan, plan_module
 from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC
+from mono_quant.core.scratch import reused_scratch
 from mono_quant.errors import ConfigurationError, InputError, MonoQuantError, QuantizationError
 from mono_quant.modules import quantize_weight_tensors, quantized_class_for, stored_weight_tensors
 
@@ -298,46 +299,47 @@ def quantize_layers(
     new_layers: dict[str, nn.Module] = {}
     stored: dict[str, dict[str, torch.Tensor]] = {}  # tensors of each quantized layer, for ties
     replacements: dict[int, torch.Tensor] = {}
-    for decision in progress.track(decisions, "quantize", total=len(decisions)):
-        name = decision.name
-        module = model.get_submodule(name)
-        try:
-            if decision.cast is not None:
-                new_layers[name] = module
-                for tensor in module.parameters(recurse=False):
-                    replacements[id(tensor)] = nn.Parameter(
-                        tensor.detach().to(decision.cast), requires_grad=tensor.requires_grad
-                    )
-                info.layer_configs[name] = decision.metadata()
-                continue
-            shared = plan.shared_with(name)
-            tensors = weight_tensors.get(name)
-            if tensors is None and shared in stored:
-                tensors = stored[shared]
-            if tensors is None and weight_cache is not None:
-                tensors = weight_cache.get(_cache_key(name, decision.config))
-            layer, tensors, note = build_layer(
-                module,
-                decision.config,
-                input_qparams=(input_qparams or {}).get(name),
-                weight_tensors=tensors,
-                input_smoothing=(input_smoothing or {}).get(name),
-                column_weights=(column_weights or {}).get(name),
-            )
-            if note:
-                warnings.append(f"{name}: {note}")
-            if tensors is not None:
-                if decision.tie is not None:  # kept only for a tie to reuse: peak memory
-                    stored[name] = tensors
-                if weight_cache is not None and decision.config.method != "rtn":
-                    weight_cache[_cache_key(name, decision.config)] = tensors
-            if shared in stored:
-                layer.tied_to = shared
-            new_layers[name] = layer
-            info.layer_configs[name] = layer.metadata()
-        except MonoQuantError as exc:
-            skipped[name] = exc.message
-            warnings.append(f"{name}: not quantized: {exc.message}")
+    with reused_scratch():  # block buffers fault in once per run, not once per layer
+        for decision in progress.track(decisions, "quantize", total=len(decisions)):
+            name = decision.name
+            module = model.get_submodule(name)
+            try:
+                if decision.cast is not None:
+                    new_layers[name] = module
+                    for tensor in module.parameters(recurse=False):
+                        replacements[id(tensor)] = nn.Parameter(
+                            tensor.detach().to(decision.cast), requires_grad=tensor.requires_grad
+                        )
+                    info.layer_configs[name] = decision.metadata()
+                    continue
+                shared = plan.shared_with(name)
+                tensors = weight_tensors.get(name)
+                if tensors is None and shared in stored:
+                    tensors = stored[shared]
+                if tensors is None and weight_cache is not None:
+                    tensors = weight_cache.get(_cache_key(name, decision.config))
+                layer, tensors, note = build_layer(
+                    module,
+                    decision.config,
+                    input_qparams=(input_qparams or {}).get(name),
+                    weight_tensors=tensors,
+                    input_smoothing=(input_smoothing or {}).get(name),
+                    column_weights=(column_weights or {}).get(name),
+                )
+                if note:
+                    warnings.append(f"{name}: {note}")
+                if tensors is not None:
+                    if decision.tie is not None:  # kept only for a tie to reuse: peak memory
+                        stored[name] = tensors
+                    if weight_cache is not None and decision.config.method != "rtn":
+                        weight_cache[_cache_key(name, decision.config)] = tensors
+                if shared in stored:
+                    layer.tied_to = shared
+                new_layers[name] = layer
+                info.layer_configs[name] = layer.metadata()
+            except MonoQuantError as exc:
+                skipped[name] = exc.message
+                warnings.append(f"{name}: not quantized: {exc.message}")
 
     # Tensors of replaced layers are not copied into the new model, unless a layer that stays
     # (the float side of a tie) still holds them.

@@ -154,7 +154,9 @@ def quantize_weight_tensors(weight: torch.Tensor, config: LayerQuantConfig) -> d
     file made either way loads into the same layers.
     """
     if config.per_channel or config.group_size:
-        qt = quantize_weight(weight, config.weight_spec, config.granularity, config.clip_search_steps)
+        qt = quantize_weight(
+            weight, config.weight_spec, config.granularity, config.clip_search_steps, packed=config.bits == 4
+        )
     else:
         # Per-tensor: one scale, stored as identical per-channel scales so that every
         # kernel and the file format have a single layout to handle.
@@ -169,9 +171,9 @@ def quantize_weight_tensors(weight: torch.Tensor, config: LayerQuantConfig) -> d
 def stored_weight_tensors(qt: QuantizedTensor, config: LayerQuantConfig) -> dict[str, torch.Tensor]:
     """A :class:`QuantizedTensor` (RTN's, HQQ's, GPTQ's) in the stored layout of ``config``
     (``core.plan.weight_layout``): int4 packed two per byte, zero points in their dtype."""
-    layout = {t.name: t for t in weight_layout(config, tuple(qt.qdata.shape))}
+    layout = {t.name: t for t in weight_layout(config, tuple(qt.shape))}
     out = {
-        "qweight": pack_int4(qt.qdata) if qt.spec.bits == 4 else qt.qdata.to(torch.int8),
+        "qweight": qt.qdata if qt.packed else pack_int4(qt.qdata) if qt.spec.bits == 4 else qt.qdata.to(torch.int8),
         "weight_scale": qt.scale.float().reshape(layout["weight_scale"].shape),
     }
     if "weight_zero_point" in layout:

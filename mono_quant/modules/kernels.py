@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from mono_quant.core.scratch import scratch
 from mono_quant.modules.cpu_features import CpuFeatures, cpu_features
 
 __all__ = [
@@ -264,6 +265,7 @@ def tinygemm_linear(
 # nibble and row ``i + 32`` in its high nibble. Measured on this project's CPU with bf16
 # activations on a 4096x4096 layer: 10x faster than fp32 at batch 1, 2.3x at 32, 1.15x at 256.
 _CPU_INT4_BLOCK = 64
+_LAYOUT_CHUNK_BYTES = 1 << 20  # per buffer of to_cpu_int4_layout: cache-sized
 
 
 def kernel_group_size(group_size: int, in_features: int, smallest: int = 16) -> int | None:
@@ -295,15 +297,26 @@ def to_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
     of the unpacked values)."""
     # Straight from the packed bytes (2.5x faster than unpacking first, the cold int4 path):
     # rows come in blocks of 64, whose first and second 32 rows share each output byte; a packed
-    # byte holds columns 2j (low nibble) and 2j + 1 (high nibble).
+    # byte holds columns 2j (low nibble) and 2j + 1 (high nibble). A few blocks at a time through
+    # two cache-sized buffers (see core/scratch.py): whole-tensor temporaries fault their pages in
+    # in a fresh process, 0.46 of 0.83 s of quantizing 16 x 4096 x 4096 to int4 (Zen 4).
     rows, half = packed.shape
-    pairs = packed.view(rows // _CPU_INT4_BLOCK, 2, _CPU_INT4_BLOCK // 2, half)
-    first, second = pairs[:, 0], pairs[:, 1]
-    even = (first & 0x0F) | (second << 4)  # column 2j: first's low nibble, second's as high
-    odd = (first >> 4) | (second & 0xF0)  # column 2j + 1
-    out = torch.empty((rows // _CPU_INT4_BLOCK, half, 2, _CPU_INT4_BLOCK // 2), dtype=torch.uint8, device=packed.device)
-    out[:, :, 0] = even.transpose(1, 2)
-    out[:, :, 1] = odd.transpose(1, 2)
+    blocks, width = rows // _CPU_INT4_BLOCK, _CPU_INT4_BLOCK // 2
+    out = torch.empty((blocks, half, 2, width), dtype=torch.uint8, device=packed.device)
+    step = max(1, _LAYOUT_CHUNK_BYTES // (width * half))
+    shape = (min(step, blocks), width, half)
+    low = scratch("to_cpu_int4_layout.low", shape, torch.uint8, packed.device)
+    high = scratch("to_cpu_int4_layout.high", shape, torch.uint8, packed.device)
+    for start in range(0, blocks, step):
+        stop = min(start + step, blocks)
+        pairs = packed[start * _CPU_INT4_BLOCK : stop * _CPU_INT4_BLOCK].view(stop - start, 2, width, half)
+        first, second = pairs[:, 0], pairs[:, 1]
+        a, b = low[: stop - start], high[: stop - start]
+        # column 2j: first's low nibble, second's as high; column 2j + 1: the high nibbles
+        torch.bitwise_and(first, 0x0F, out=a).bitwise_or_(torch.bitwise_left_shift(second, 4, out=b))
+        out[start:stop, :, 0] = a.transpose(1, 2)
+        torch.bitwise_right_shift(first, 4, out=a).bitwise_or_(torch.bitwise_and(second, 0xF0, out=b))
+        out[start:stop, :, 1] = a.transpose(1, 2)
     return out.view(rows, half)
 
 

@@ -186,6 +186,43 @@ def test_int4_pack_matches_the_byte_rule_for_any_layout(view):
     assert torch.equal(pack_int4(q), _pack_by_gather(q))
 
 
+@pytest.mark.parametrize(
+    ("shape", "granularity", "steps"),
+    [
+        pytest.param((96, 256), PerGroup(128), 0, id="groups"),
+        pytest.param((96, 256), PerGroup(32), 8, id="groups_clip_search"),
+        pytest.param((40, 64), PerChannel(), 0, id="per_channel"),
+        pytest.param((8, 320), PerGroup(128), 0, id="partial_last_group"),
+        pytest.param((8, 4), PerGroup(128), 0, id="narrower_than_a_group"),
+        pytest.param((6, 16), PerTensor(), 0, id="per_tensor"),
+        pytest.param((4, 2, 3, 6), PerChannel(), 0, id="conv_weight"),
+    ],
+)
+@pytest.mark.parametrize("spec", [INT4_ASYMMETRIC, INT4_SYMMETRIC], ids=lambda s: s.name)
+def test_packed_int4_equals_packing_the_codes(monkeypatch, shape, granularity, steps, spec):
+    # packed=True packs each block as it is rounded (or, where the loop cannot, once at the end):
+    # the same bytes and qparams as packing the unpacked result, over several blocks too
+    monkeypatch.setattr("mono_quant.core.schemes._CPU_BLOCK_ELEMENTS", 1024)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    plain = quantize_weight(weight, spec, granularity, steps)
+    packed = quantize_weight(weight, spec, granularity, steps, packed=True)
+    assert packed.packed and not plain.packed
+    assert packed.shape == plain.shape == weight.shape
+    assert torch.equal(packed.qdata, pack_int4(plain.qdata))
+    assert torch.equal(packed.unpacked(), plain.qdata)
+    assert torch.equal(packed.scale, plain.scale)
+    assert (packed.zero_point is None) == (plain.zero_point is None)
+    if plain.zero_point is not None:
+        assert torch.equal(packed.zero_point, plain.zero_point)
+    assert torch.equal(dequantize_weight(packed), dequantize_weight(plain))
+
+
+def test_packed_is_ignored_by_int8_specs():
+    weight = torch.randn(8, 32)
+    qt = quantize_weight(weight, INT8_SYMMETRIC, PerChannel(), packed=True)
+    assert not qt.packed and qt.qdata.shape == (8, 32)
+
+
 def test_int4_pack_odd_width_raises_input_error():
     with pytest.raises(InputError, match="even last dimension") as info:
         pack_int4(torch.zeros(2, 3, dtype=torch.uint8))

@@ -28,6 +28,17 @@ def test_layout_matches_torch_converter_and_round_trips():
 
 
 @needs_kernel
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4096, 1], ids=["one_chunk", "chunks", "block_by_block"])
+def test_layout_conversion_in_chunks_matches_torch_converter(monkeypatch, chunk_bytes):
+    # the conversion goes a few 64-row blocks at a time through reused buffers (a last chunk
+    # shorter than the others included): the bytes are the converter's whatever the chunking
+    monkeypatch.setattr("mono_quant.modules.kernels._LAYOUT_CHUNK_BYTES", chunk_bytes)
+    q = torch.randint(0, 16, (64 * 5, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    blocked = to_cpu_int4_layout(pack_int4(q))
+    assert torch.equal(blocked, torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+
+
+@needs_kernel
 def test_layer_uses_kernel_layout_but_state_dict_is_documented_layout():
     torch.manual_seed(0)
     float_layer = nn.Linear(256, 128)
