@@ -41,6 +41,7 @@ from mono_quant.core.quantizers import (
     weight_tensors_for,
 )
 from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, unpack_int4
+from mono_quant.core.scratch import reused_scratch
 from mono_quant.errors import InputError
 from mono_quant.io.handlers import load_model, read_safetensors_header, sniff_format, torch_load_weights_only
 from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
@@ -380,8 +381,9 @@ def quantize_state_dict(
     out: dict[str, torch.Tensor] = {}
     done: dict[str, dict[str, torch.Tensor]] = {}
     items = list(state_dict.items())
-    for name, tensor in progress.track(items, "quantize", total=len(items)):
-        out.update(convert_tensor(plan, name, tensor if device is None else tensor.to(device), done))
+    with reused_scratch():
+        for name, tensor in progress.track(items, "quantize", total=len(items)):
+            out.update(convert_tensor(plan, name, tensor if device is None else tensor.to(device), done))
     layers = {}
     for decision in plan.layers.values():
         if decision.changes and decision.name in done or decision.cast is not None:
@@ -470,7 +472,7 @@ def quantize_file(
 
     fd, tmp = _atomic_target(dst)
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp, reused_scratch():
             header_len = int.from_bytes(inp.read(8), "little")
             data_start = 8 + header_len
             out.write(len(header_bytes).to_bytes(8, "little"))
