@@ -692,7 +692,6 @@ def _smooth(model, plan, batches, alpha, info, per_group=False):
     its activations (static int8's error for a static run). A Linear that never ran on
     ``batches`` is left unsmoothed, with a note."""
     from mono_quant.core.algorithms import (
-        StaticActivations,
         apply_smoothing,
         collect_smoothing_statistics,
         smoothing_plan,
@@ -706,12 +705,17 @@ def _smooth(model, plan, batches, alpha, info, per_group=False):
         if d.config is not None and d.kind == "linear" and d.config.activation != "none" and d.tie is None
     ]
     options = plan.options
-    static = StaticActivations(options.activation_symmetric) if options.is_static else None
+    static_symmetric = options.activation_symmetric if options.is_static else None
     # statistics and plan read the caller's model (hooks, removed after); only a plan that
     # smooths something needs the copy
     absmax, samples = collect_smoothing_statistics(model, batches, names, samples=per_group, strict=False)
     groups = smoothing_plan(
-        model, absmax, alpha, samples, static=static, folded_only=bool(options.smoothing_folded_only)
+        model,
+        absmax,
+        alpha,
+        samples,
+        static_symmetric=static_symmetric,
+        folded_only=bool(options.smoothing_folded_only),
     )
     unseen = [name for name in names if name not in absmax]
     if unseen:

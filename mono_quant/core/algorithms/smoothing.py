@@ -44,7 +44,6 @@ from mono_quant.errors import ConfigurationError, InputError
 
 __all__ = [
     "SmoothingGroup",
-    "StaticActivations",
     "collect_activation_absmax",
     "collect_input_mean_squares",
     "collect_activation_samples",
@@ -320,7 +319,7 @@ def smoothing_plan(
     alpha: float = DEFAULT_SMOOTHING_ALPHA,
     activation_samples: dict[str, torch.Tensor] | None = None,
     alpha_candidates: Iterable[float] = AUTO_ALPHA_CANDIDATES,
-    static: StaticActivations | None = None,
+    static_symmetric: bool | None = None,
     folded_only: bool = False,
 ) -> list[SmoothingGroup]:
     """Where each Linear in ``activation_absmax`` gets its smoothing scale and its ``1 / s``.
@@ -331,9 +330,11 @@ def smoothing_plan(
 
     With ``activation_samples`` (:func:`collect_activation_samples`), each group takes the alpha
     among ``alpha_candidates`` and ``alpha`` whose int8 output error on its samples is lowest:
-    per-token int8's (dynamic), or with ``static`` (:func:`_int8_static_error`) one activation
-    scale per tensor, measured on samples its range was not taken from, where no smoothing at
-    all is a candidate too: a group it wins for is left out of the plan. ``folded_only``: groups
+    per-token int8's (dynamic, ``static_symmetric=None``), or static int8's
+    (:func:`_int8_static_error`: one activation scale per tensor, the min/max observer's, on a
+    symmetric grid if ``static_symmetric`` else asymmetric) measured on samples its range was
+    not taken from, where no smoothing at all is a candidate too: a group it wins for is left
+    out of the plan. ``folded_only``: groups
     with no source to fold into are left out (nothing divides its input at run time). Measured on MiniLM,
     calibrated and evaluated on different sentences: dynamic 0.99897 at a fixed 0.5, 0.99905
     chosen per group; static 0.99336 unsmoothed, 0.99748 at a fixed 0.8, 0.99828 per group.
@@ -361,7 +362,7 @@ def smoothing_plan(
     if folded_only:
         planned = [(source, linears) for source, linears in planned if source is not None]
     plan = []
-    fewest = 1 if static is None else 2  # static measures on one half of the samples, fits on the other
+    fewest = 1 if static_symmetric is None else 2  # static measures on one half of the samples, fits on the other
     for source, linears in planned:
         weights = [modules[lin].weight for lin in linears]
         # Linears sharing an input saw the same activation: their maxima agree; take the max anyway.
@@ -373,25 +374,18 @@ def smoothing_plan(
             # every candidate is compared with the same float outputs: computed once
             floats = [w.detach().float().to(x.device) for x, w in zip(samples, weights, strict=True)]
             outputs = [x @ w.t() for x, w in zip(samples, floats, strict=True)]
-            if static is None:
+            if static_symmetric is None:
                 errors = [
                     _int8_dynamic_error(samples, floats, smoothing_scales(act, weights, a), outputs) for a in candidates
                 ]
             else:
                 candidates.insert(0, None)
-                errors = [_int8_static_error(samples, floats, a, static.symmetric, outputs) for a in candidates]
+                errors = [_int8_static_error(samples, floats, a, static_symmetric, outputs) for a in candidates]
             chosen = candidates[errors.index(min(errors))]
         if chosen is None:
             continue  # unsmoothed is best: no scale, and no input multiplier to run
         plan.append(SmoothingGroup(source, linears, smoothing_scales(act, weights, chosen)))
     return plan
-
-
-class StaticActivations(NamedTuple):
-    """Static int8's activations, for :func:`smoothing_plan`'s error: one scale per tensor, the
-    min/max observer's over the calibration range, on a ``symmetric`` or asymmetric grid."""
-
-    symmetric: bool = False
 
 
 def _relative_error(approx: torch.Tensor, reference: torch.Tensor) -> float:
@@ -409,19 +403,17 @@ def _int8_dynamic_error(
     samples: list[torch.Tensor],
     weights: list[torch.Tensor],
     scales: torch.Tensor,
-    outputs: list[torch.Tensor] | None = None,
+    outputs: list[torch.Tensor],
 ) -> float:
     """Relative squared output error of int8 dynamic (per-token symmetric activations,
-    per-channel symmetric weights) of Linears ``weights [N_i, K]`` on their inputs
-    ``samples [T, K]`` after smoothing with ``scales [K]``, summed over the Linears.
-    ``outputs``: the float ``x @ w^T`` of each, when the caller has them."""
+    per-channel symmetric weights) of Linears ``weights [N_i, K]`` (fp32, on the samples'
+    device) on their inputs ``samples [T, K]`` after smoothing with ``scales [K]``, summed over
+    the Linears; ``outputs``: the float ``x @ w^T`` of each (the same for every candidate)."""
     total = 0.0
-    for i, (x, weight) in enumerate(zip(samples, weights, strict=True)):
-        w = weight.detach().float().to(x.device)
+    for x, w, reference in zip(samples, weights, outputs, strict=True):
         s = scales.to(x.device)
         xs = x / s
         x_step = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        reference = x @ w.t() if outputs is None else outputs[i]
         total += _relative_error((torch.round(xs / x_step) * x_step) @ _int8_weights(w, s).t(), reference)
     return total
 
@@ -431,7 +423,7 @@ def _int8_static_error(
     weights: list[torch.Tensor],
     alpha: float | None,
     symmetric: bool,
-    outputs: list[torch.Tensor] | None = None,
+    outputs: list[torch.Tensor],
 ) -> float:
     """As :func:`_int8_dynamic_error` for static int8 smoothed at ``alpha`` (None: unsmoothed),
     two-fold: the scales (``alpha``'s, from the activation maxima) and the per-tensor activation
@@ -444,9 +436,6 @@ def _int8_static_error(
     calibration rows: alpha 0.8 measured 25% *less* error than none in-sample, 10x more on
     held-out rows, and 12 dB less SQNR once quantized)."""
     spec = INT8_SYMMETRIC if symmetric else INT8_ASYMMETRIC
-    weights = [weight.detach().float().to(samples[0].device) for weight in weights]
-    if outputs is None:
-        outputs = [x @ w.t() for x, w in zip(samples, weights, strict=True)]
     total = 0.0
     for fit, held in ((0, 1), (1, 0)):
         fitted = [x[fit::2] for x in samples]
