@@ -330,10 +330,10 @@ def quantize_weight(
     ``[out, in]``) -> ``[out, in // group_size]``.
 
     ``packed`` (4-bit specs): ``qdata`` comes packed two per byte (:func:`pack_int4`), each
-    block packed as it is rounded, so the unpacked codes never exist at full size. On a cold
-    CPU process that is most of int4's time: every fresh tensor faults its pages in, and the
-    unpacked codes plus the packing's temporaries were 5x the packed result (16 x 4096 x 4096,
-    Zen 4: 1.43 s -> see bench/RESULTS.md).
+    block packed as it is rounded, so the unpacked codes never exist at full size. In a fresh
+    process that is most of int4's cost: every new tensor faults its pages in, and the unpacked
+    codes plus the packing's temporaries were 5x the packed result (16 x 4096 x 4096 on Zen 4:
+    160k minor page faults -> 70k with the other changes of bench/RESULTS.md's session 7).
 
     Example:
         >>> w = torch.randn(16, 64)
