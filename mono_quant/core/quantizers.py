@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mono_quant.core.algorithms.hqq import hqq_quantize_weight
-from mono_quant.core.calibration import count_batches, iter_calibration_batches, run_calibration_batch
+from mono_quant.core.calibration import ObservedForward, count_batches, iter_calibration_batches
 from mono_quant.core.config import QuantizationConfig, resolve_dtype
 from mono_quant.core.observers import OBSERVERS, create_observer
 from mono_quant.core.options import QuantizeOptions
@@ -823,9 +823,10 @@ def _calibrate(
         model.eval()
         batches = iter_calibration_batches(calibration_data, max_samples, batch_size)
         total = count_batches(calibration_data, max_samples, batch_size)
-        for batch, size in progress.track(batches, "calibrate", total=total):
-            run_calibration_batch(model, batch, device)
-            samples += size
+        with ObservedForward(model, [model.get_submodule(name) for name in layer_names], device) as forward:
+            for batch, size in progress.track(batches, "calibrate", total=total):
+                forward.run(batch)
+                samples += size
     finally:
         for handle in handles:
             handle.remove()

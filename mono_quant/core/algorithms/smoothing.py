@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mono_quant.core.calibration import run_calibration_batch
+from mono_quant.core.calibration import ObservedForward
 from mono_quant.core.options import DEFAULT_SMOOTHING_ALPHA
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, choose_qparams, quantize
 from mono_quant.errors import ConfigurationError, InputError
@@ -112,9 +112,9 @@ def _observe_inputs(
     training_flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ObservedForward(model, [modules[name] for name in names], device) as forward:
             for batch in batches:
-                run_calibration_batch(model, batch, device)
+                forward.run(batch)
     finally:
         for handle in handles:
             handle.remove()
