@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["CpuFeatures", "cpu_features"]
+__all__ = ["CpuFeatures", "aten_capability", "cpu_features"]
 
 _CPUINFO = "/proc/cpuinfo"
 
@@ -51,7 +51,14 @@ class CpuFeatures:
         return asdict(self)
 
 
-def _torch_capability() -> str:
+@functools.cache
+def aten_capability() -> str:
+    """The code level ATen dispatches CPU kernels to in this process ("AVX512", "AVX2",
+    "DEFAULT", ...; the ``ATEN_CPU_CAPABILITY`` environment variable can lower it), or "unknown".
+
+    Unlike the instruction set it decides layouts, not just speed: torch's CPU int4 kernel
+    packs its weight in blocks whose size depends on it.
+    """
     try:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):
@@ -73,7 +80,7 @@ def _cpuinfo_flags(path: str = _CPUINFO) -> set[str] | None:
 
 def detect_cpu_features(cpuinfo_path: str = _CPUINFO) -> CpuFeatures:
     """Detect without the cache (tests point ``cpuinfo_path`` at a fixture file)."""
-    capability = _torch_capability()
+    capability = aten_capability()
     flags = _cpuinfo_flags(cpuinfo_path)
     if flags is not None:
         return CpuFeatures(

@@ -39,12 +39,15 @@ inputs, and the rest dequantize to the activation dtype for the tensor-core matm
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mono_quant.core.scratch import scratch
-from mono_quant.modules.cpu_features import CpuFeatures, cpu_features
+from mono_quant.modules.cpu_features import CpuFeatures, aten_capability, cpu_features
 
 __all__ = [
+    "cpu_int4_block",
     "cpu_int4_dense_choice",
     "cpu_int4_dense_linear",
     "cpu_int4_dense_min_rows",
@@ -260,11 +263,14 @@ def tinygemm_linear(
     return out
 
 
-# torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) takes the weight in blocks of 64
-# output rows: in a block, byte ``[k, i]`` holds row ``i`` of input column ``k`` in its low
-# nibble and row ``i + 32`` in its high nibble. Measured on this project's CPU with bf16
+# torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) takes the weight in blocks of output
+# rows whose size depends on the code ATen dispatches to (``aten/src/ATen/native/cpu/int4mm_kernel.cpp``,
+# ``weight_to_int4pack_kernel``: ``BLOCK_N = Vectorized<float>::size() * 4``): 64 rows with AVX-512,
+# 32 with AVX2. In a block of B rows, byte ``[k, i]`` holds row ``i`` of input column ``k`` in its
+# low nibble and row ``i + B / 2`` in its high nibble. (The generic build pairs neighbouring rows
+# instead; it is not used: those layers run on ``int4_grouped_linear``.) Measured on Zen 4 with bf16
 # activations on a 4096x4096 layer: 10x faster than fp32 at batch 1, 2.3x at 32, 1.15x at 256.
-_CPU_INT4_BLOCK = 64
+_CPU_INT4_BLOCKS = {"AVX512": 64, "AVX2": 32}
 _LAYOUT_CHUNK_BYTES = 1 << 20  # per buffer of to_cpu_int4_layout: cache-sized
 
 
@@ -281,27 +287,36 @@ def kernel_group_size(group_size: int, in_features: int, smallest: int = 16) -> 
     return None
 
 
+def cpu_int4_block() -> int | None:
+    """Output rows per block of the CPU int4 kernel's weight layout in this process (64 where ATen
+    dispatches to AVX-512, 32 with AVX2); None where we do not use that kernel."""
+    return _CPU_INT4_BLOCKS.get(aten_capability().upper())
+
+
 def cpu_int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether the layer's shape fits torch's CPU int4 kernel."""
+    block = cpu_int4_block()
     return (
         hasattr(torch, "_weight_int4pack_mm_for_cpu")
-        and out_features % _CPU_INT4_BLOCK == 0
+        and block is not None
+        and out_features % block == 0
         and in_features % group_size == 0
         and group_size in (32, 64, 128, 256)
     )
 
 
-def to_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
+def to_cpu_int4_layout(packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """Our int4 packing ``[N, K // 2]`` (low nibble = even input feature) -> the CPU kernel's
-    block layout, same shape and size (equal to ``torch._convert_weight_to_int4pack_for_cpu``
-    of the unpacked values)."""
+    layout in blocks of ``block`` rows (default: this process's, :func:`cpu_int4_block`), same
+    shape and size (equal to ``torch._convert_weight_to_int4pack_for_cpu`` of the unpacked values)."""
+    block = block or _required_cpu_int4_block()
     # Straight from the packed bytes (2.5x faster than unpacking first, the cold int4 path):
-    # rows come in blocks of 64, whose first and second 32 rows share each output byte; a packed
+    # rows come in blocks, whose first and second halves share each output byte; a packed
     # byte holds columns 2j (low nibble) and 2j + 1 (high nibble). A few blocks at a time through
     # two cache-sized buffers (see core/scratch.py): whole-tensor temporaries fault their pages in
     # in a fresh process, 0.46 of 0.83 s of quantizing 16 x 4096 x 4096 to int4 (Zen 4).
     rows, half = packed.shape
-    blocks, width = rows // _CPU_INT4_BLOCK, _CPU_INT4_BLOCK // 2
+    blocks, width = rows // block, block // 2
     out = torch.empty((blocks, half, 2, width), dtype=torch.uint8, device=packed.device)
     step = max(1, _LAYOUT_CHUNK_BYTES // (width * half))
     shape = (min(step, blocks), width, half)
@@ -309,7 +324,7 @@ def to_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
     high = scratch("to_cpu_int4_layout.high", shape, torch.uint8, packed.device)
     for start in range(0, blocks, step):
         stop = min(start + step, blocks)
-        pairs = packed[start * _CPU_INT4_BLOCK : stop * _CPU_INT4_BLOCK].view(stop - start, 2, width, half)
+        pairs = packed[start * block : stop * block].view(stop - start, 2, width, half)
         first, second = pairs[:, 0], pairs[:, 1]
         a, b = low[: stop - start], high[: stop - start]
         # column 2j: first's low nibble, second's as high; column 2j + 1: the high nibbles
@@ -320,15 +335,23 @@ def to_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
     return out.view(rows, half)
 
 
-def from_cpu_int4_layout(blocked: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_cpu_int4_layout`."""
+def from_cpu_int4_layout(blocked: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`to_cpu_int4_layout` (the same ``block``)."""
     from mono_quant.core.schemes import pack_int4
 
+    block = block or _required_cpu_int4_block()
     rows, half = blocked.shape
     cols = 2 * half
-    merged = blocked.view(rows // _CPU_INT4_BLOCK, cols, _CPU_INT4_BLOCK // 2).transpose(1, 2)
+    merged = blocked.view(rows // block, cols, block // 2).transpose(1, 2)
     q = torch.stack((merged & 0x0F, merged >> 4), dim=1).reshape(rows, cols)
     return pack_int4(q)
+
+
+def _required_cpu_int4_block() -> int:
+    block = cpu_int4_block()
+    if block is None:  # internal: callers check cpu_int4_supported first
+        raise RuntimeError(f"no CPU int4 kernel layout for ATen capability {aten_capability()}")
+    return block
 
 
 def int4_scales_and_zeros(
@@ -419,26 +442,30 @@ def cpu_int4_dense_min_rows(features: CpuFeatures | None = None) -> int | None:
 
 
 def cpu_int4_dense_qparams(
-    group_scales: torch.Tensor, group_zero_points: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    group_scales: torch.Tensor,
+    group_zero_points: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :func:`cpu_int4_dense_linear` needs, from per-group scales and integer zero points
     ``[N, G]``: ``(scale, -8 * scale)`` in ``dtype`` (the GEMM's: bf16, or fp32 where bf16 has
-    no hardware) ``[G, 1, 2, N // 64, 32]`` (output rows in the order the dense path unpacks
-    them: nibble, block, row in the half block) and ``offset = (8 - zero_point) * scale`` fp32
-    ``[G, N]`` (natural order).
+    no hardware) ``[G, 1, 2, N // B, B // 2]`` for the layout's blocks of B rows (output rows in
+    the order the dense path unpacks them: nibble, block, row in the half block) and
+    ``offset = (8 - zero_point) * scale`` fp32 ``[G, N]`` (natural order).
 
     The weight is dequantized centred, ``(q - 8) * scale``, before its bf16 rounding (half the
     magnitude of ``q * scale``: ~50 dB against the fp32 product, like the int4 kernel, rather
     than ~45), and the rest, ``(8 - zero_point) * scale``, is added in fp32 from group sums of
     the activations.
     """
+    block = block or _required_cpu_int4_block()
     scale = group_scales.float().t()  # [G, N]
     groups, out_features = scale.shape
     offset = ((8.0 - group_zero_points.float()) * group_scales.float()).t().contiguous()
 
     def unpack_order(t: torch.Tensor) -> torch.Tensor:
-        # column b * 64 + h * 32 + i -> [h, b, i]
-        t = t.reshape(groups, out_features // _CPU_INT4_BLOCK, 2, _CPU_INT4_BLOCK // 2).transpose(1, 2)
+        # column b * B + h * B / 2 + i -> [h, b, i]
+        t = t.reshape(groups, out_features // block, 2, block // 2).transpose(1, 2)
         return t.unsqueeze(1).to(dtype).contiguous()
 
     return unpack_order(scale), unpack_order(scale * -8.0), offset
@@ -455,13 +482,14 @@ def cpu_int4_dense_linear(
     the dense GEMM in the dtype of ``dense_qparams`` (from :func:`cpu_int4_dense_qparams`: bf16,
     the activations rounded to it too, or fp32); plus bias, fp32 ``[M, N]``.
 
-    In the CPU layout a block of 64 output rows is a ``[K, 32]`` byte array (low nibble: row
-    ``i``, high: row ``i + 32``), so the nibbles of a slice of blocks give its part of ``W^T``
-    without transposing the weight, only its columns come out as (nibble, block, row) rather
-    than (block, nibble, row): the qparams are stored in that order and the GEMM's output goes
-    back to the natural one in the copy that turns it to fp32. Per slice:
+    In the CPU layout a block of B output rows is a ``[K, B / 2]`` byte array (low nibble: row
+    ``i``, high: row ``i + B / 2``; B is in the shapes of ``dense_qparams``), so the nibbles of a
+    slice of blocks give its part of ``W^T`` without transposing the weight, only its columns come
+    out as (nibble, block, row) rather than (block, nibble, row): the qparams are stored in that
+    order and the GEMM's output goes back to the natural one in the copy that turns it to fp32.
+    Per slice:
 
-    * the slice's bytes are first copied to ``[K, blocks * 32]`` (one strided byte pass): every
+    * the slice's bytes are first copied to ``[K, blocks * B / 2]`` (one strided byte pass): every
       later pass then runs over long contiguous rows. Unpacking the nibbles straight from the
       blocked layout, 32 bytes at a time, made those passes 3-6x slower (Zen 4: the whole
       dequantization 23 against 16 ms on 4096x4096, same numbers);
@@ -470,7 +498,8 @@ def cpu_int4_dense_linear(
     """
     scale, minus_eight_scale, offset = dense_qparams
     rows, in_features = x2d.shape
-    block, half = _CPU_INT4_BLOCK, _CPU_INT4_BLOCK // 2
+    half = scale.shape[-1]
+    block = 2 * half
     n_blocks = blocked.shape[0] // block
     groups = in_features // group_size
     by_block = blocked.view(n_blocks, in_features, half)
@@ -539,14 +568,75 @@ def onednn_linear(
     weight_zero_point: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x_scale * (x_q - x_zero_point) @ (weight * weight_scale)^T + bias`` in fp32.
+    """``x_scale * (x_q - x_zero_point) @ (weight * weight_scale)^T + bias`` in fp32, exact in
+    the integer products on every CPU.
 
-    ``x_q`` is uint8 or int8; ``weight_zero_point`` is int64 zeros ``[N]`` (symmetric weight).
+    ``x_q`` is uint8; ``weight_zero_point`` is int64 zeros ``[N]`` (symmetric weight, codes in
+    [-127, 127]). Where the kernel would saturate (:func:`onednn_pairs_saturate`) the codes go in
+    as two halves, stacked as rows, each at most 128: see :func:`_halve_codes`.
     """
+    if not onednn_pairs_saturate():
+        return _qlinear(x_q, x_scale, x_zero_point, packed_weight, weight_scale, weight_zero_point, bias)
+    halves, half_zero_point = _halve_codes(x_q, x_zero_point)
+    out = _qlinear(halves, x_scale, half_zero_point, packed_weight, weight_scale, weight_zero_point, None)
+    rows = x_q.shape[0]
+    out = out[:rows].add_(out[rows:])
+    return out if bias is None else out.add_(bias)
+
+
+def _qlinear(x_q, x_scale, x_zero_point, packed_weight, weight_scale, weight_zero_point, bias) -> torch.Tensor:
     return torch.ops.onednn.qlinear_pointwise(
         x_q, x_scale, x_zero_point, packed_weight, weight_scale, weight_zero_point, bias,
         1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
+
+
+# Without VNNI (AVX2-only CPUs such as AMD Zen 2 / 3, AVX-512 ones before Cascade Lake) x86 has
+# no u8 x s8 dot product into int32: oneDNN (and fbgemm) use ``vpmaddubsw``, which adds each pair
+# of neighbouring products into an int16 *with saturation*. Two products of uint8 codes up to 255
+# and weights up to 127 reach 64770, far beyond 32767, so the sums are silently wrong (oneDNN's
+# "Nuances of int8 computations"; fbgemm's answer is ``reduce_range``, 7-bit activations). Measured
+# on a Zen 3 (AVX2, torch 2.13): int8 dynamic layers off by 9-13% of their output, MiniLM's
+# cosine far below its floor. Halving the codes keeps every pair within 2 * 128 * 127 = 32512 and
+# the sums exact, for the price of twice the rows (at batch 1, where the weight's stream is the
+# cost, almost nothing).
+
+
+@functools.cache
+def onednn_pairs_saturate() -> bool:
+    """Whether this process's oneDNN int8 kernel saturates pairs of u8 x s8 products (see above),
+    probed once on the worst case: 64 codes of 255 against weights of 127, exact only where the
+    kernel accumulates in int32 (VNNI, AMX)."""
+    if not onednn_int8_available():
+        return False
+    columns, out_features = 64, 16
+    weight = onednn_prepack(torch.full((out_features, columns), 127, dtype=torch.int8))
+    ones, zeros = torch.ones(out_features), torch.zeros(out_features, dtype=torch.int64)
+    exact = float(255 * 127 * columns)
+    for rows in (1, 8):  # the single-row and the blocked kernel
+        x_q = torch.full((rows, columns), 255, dtype=torch.uint8)
+        if not bool((_qlinear(x_q, 1.0, 0, weight, ones, zeros, None) == exact).all()):
+            return True
+    return False
+
+
+def _halve_codes(x_q: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, int]:
+    """uint8 codes ``u [M, K]`` with zero point ``z`` -> ``([a; b] [2M, K], z')`` with
+    ``(a - z') + (b - z') = u - z`` and every ``a, b <= 128``.
+
+    Even ``z``: ``a = u >> 1``, ``b = u - a``, ``z' = z / 2``. Odd ``z``: ``a = u - (u >> 1)``,
+    ``b = (u >> 1) + 1``, ``z' = (z + 1) / 2`` (their sum is ``u + 1``).
+    """
+    rows = x_q.shape[0]
+    halves = torch.empty((2 * rows, x_q.shape[1]), dtype=torch.uint8, device=x_q.device)
+    first, second = halves[:rows], halves[rows:]
+    torch.bitwise_right_shift(x_q, 1, out=first)
+    if zero_point % 2 == 0:
+        torch.sub(x_q, first, out=second)
+        return halves, zero_point // 2
+    torch.add(first, 1, out=second)
+    torch.sub(x_q, first, out=first)
+    return halves, (zero_point + 1) // 2
 
 
 def onednn_int8_linear(

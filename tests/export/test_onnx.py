@@ -285,9 +285,10 @@ def test_small_models_onnxruntime_matches_ours(case, small_models, tmp_path):
     assert stats["min"] >= MATCH, stats
     kernels = _integer_kernels(path, tmp_path)
     assert kernels[kernel] == _quantized_linears(result.model) >= 2, kernels
-    if which == "cnn":  # the convolutions keep their int8 weights behind DequantizeLinear
+    if which == "cnn":  # the convolutions keep their 8-bit weights behind DequantizeLinear (static: uint8)
         proto = onnx.load(str(path))
-        dq_int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+        eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        dq_int8 = [i for i in proto.graph.initializer if i.data_type in eight_bit and len(i.dims) == 4]
         assert len(dq_int8) == 2
     assert path.stat().st_size < 0.3 * _fp32_bytes(model) + 50_000
 

@@ -52,7 +52,7 @@ def test_amx_needs_the_tile_flag(tmp_path):
     [("AVX512", True, True), ("AVX2", False, True), ("DEFAULT", False, False)],
 )
 def test_unreadable_cpuinfo_falls_back_to_torch_capability(tmp_path, monkeypatch, capability, avx512, avx2):
-    monkeypatch.setattr(features_module, "_torch_capability", lambda: capability)
+    monkeypatch.setattr(features_module, "aten_capability", lambda: capability)
     features = detect_cpu_features(str(tmp_path / "missing"))
     # the dispatch level says nothing about VNNI, BF16 or AMX: the generic kernels are chosen
     assert (features.avx512, features.avx2) == (avx512, avx2)

@@ -67,8 +67,9 @@ def test_cpu_kernel_matches_dequantized_reference(rows):
 
 def test_shapes_the_kernel_cannot_take_fall_back_to_int_mm():
     torch.manual_seed(0)
-    assert not cpu_int4_supported(out_features=96, in_features=256, group_size=128)
-    layer = QuantizedLinear.from_float(nn.Linear(256, 96), INT4)
+    # the layout's blocks are 64 (AVX-512) or 32 (AVX2) output rows: 80 fits neither
+    assert not cpu_int4_supported(out_features=80, in_features=256, group_size=128)
+    layer = QuantizedLinear.from_float(nn.Linear(256, 80), INT4)
     assert layer.qweight_layout == "packed"
     x = torch.randn(3, 256)
     reference = F.linear(x, layer.dequantized_weight(), layer.bias)
