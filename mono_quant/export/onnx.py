@@ -689,11 +689,7 @@ class _GraphRewriter:
         0.947 cosine against fp32 there; its u8 x u8 kernel widens to int16 first and is exact.
         """
         weight_t, scale, zp = self._int8_columns(layer)
-        shifted = (weight_t.view(np.uint8) ^ np.uint8(0x80)).astype(np.uint8)
-        if zp is None:
-            zp_u8 = np.full(scale.shape, 128, dtype=np.uint8)
-        else:
-            zp_u8 = (zp.astype(np.int16) + 128).astype(np.uint8)
+        shifted, zp_u8 = _as_uint8(weight_t, zp, channels=scale.shape[0])
         return shifted, scale, zp_u8
 
     def _dynamic_matmul(self, activation: str, output: str, layer: _Layer):
@@ -891,16 +887,19 @@ class _GraphRewriter:
             # ORT fuses Q/DQ activations and DQ weights into QLinearConv: uint8 on both sides, the
             # integer kernel that is exact without VNNI (see _uint8_columns)
             nodes, activation = self._static_input(activation, layer)
-            weight = (weight.view(np.uint8) ^ np.uint8(0x80)).astype(np.uint8)
-            zp = (
-                np.full(weight.shape[0], 128, dtype=np.uint8)
-                if zp is None
-                else (zp.astype(np.int16) + 128).astype(np.uint8)
-            )
+            weight, zp = _as_uint8(weight, zp, channels=weight.shape[0])
         w_node, w_out = self._dequantized_weight(layer, weight, qt.scale.float().reshape(-1).numpy(), zp, axis=0)
         conv = oh.make_node("Conv", [activation, w_out, *node.input[2:]], list(node.output), name=node.name)
         conv.attribute.extend(node.attribute)
         return [*nodes, w_node, conv]
+
+
+def _as_uint8(codes: np.ndarray, zero_point: np.ndarray | None, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and per-channel zero points (None: 0) shifted by 128 into uint8: the same integers."""
+    shifted = (codes.view(np.uint8) ^ np.uint8(0x80)).astype(np.uint8)
+    if zero_point is None:
+        return shifted, np.full(channels, 128, dtype=np.uint8)
+    return shifted, (zero_point.astype(np.int16) + 128).astype(np.uint8)
 
 
 # -- the consumer -----------------------------------------------------------------------------
