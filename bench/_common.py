@@ -77,7 +77,34 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info["cpu_features"] = cpu_features_record()
+    from mono_quant.modules.kernels import cpu_int8_engine
+
+    info["int8_engine"] = cpu_int8_engine()  # what int8 layers run on by default here
     return info
+
+
+def int8_engines() -> list[str]:
+    """The CPU int8 engines this torch build has ("onednn", "fbgemm")."""
+    from mono_quant.modules import kernels
+
+    available = {"onednn": kernels.onednn_int8_available(), "fbgemm": kernels.fbgemm_int8_available()}
+    return [name for name, ok in available.items() if ok]
+
+
+def pack_for_engine(model: Any, engine: str) -> Any:
+    """Pack every int8 layer of ``model`` for ``engine`` now instead of on its first forward with
+    the default one, to time the engines side by side in one run."""
+    from mono_quant.modules import linear
+
+    default = linear.cpu_int8_engine
+    linear.cpu_int8_engine = lambda: engine
+    try:
+        for module in model.modules():
+            if isinstance(module, linear.QuantizedLinear):
+                module._int8_weight()  # noqa: SLF001 - the deferred packing, forced here
+    finally:
+        linear.cpu_int8_engine = default
+    return model
 
 
 def cpu_features_record() -> dict[str, Any]:

@@ -21,7 +21,17 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import cpu_features_record, emit, emit_error, log, machine, our_quantize, torch_quantize_dynamic
+from _common import (
+    cpu_features_record,
+    emit,
+    emit_error,
+    int8_engines,
+    log,
+    machine,
+    our_quantize,
+    pack_for_engine,
+    torch_quantize_dynamic,
+)
 from torch import nn
 
 BENCH = "inference"
@@ -40,6 +50,9 @@ def build_modes(model: nn.Module) -> dict[str, nn.Module]:
         PEER: lambda: torch_quantize_dynamic(model),
         "ours_int4_weight_only": lambda: our_quantize(model, bits=4, group_size=128)[0],
     }
+    # int8 dynamic on each engine (the default one is "ours_int8_dynamic")
+    for engine in int8_engines():
+        builders[f"ours_int8_dynamic_{engine}"] = lambda e=engine: pack_for_engine(our_quantize(model, bits=8)[0], e)
     modes: dict[str, nn.Module] = {}
     for name, build in builders.items():
         try:

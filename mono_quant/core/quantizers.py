@@ -117,9 +117,8 @@ def model_size_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (shared tensors counted once), and of the weights a
     quantized layer holds in a kernel's own packed form."""
     seen: set[int] = set()
-    total = 0
-    kernel = [t for m in model.modules() if hasattr(m, "kernel_tensors") for t in m.kernel_tensors()]
-    for tensor in list(model.parameters()) + list(model.buffers()) + kernel:
+    total = sum(m.kernel_nbytes() for m in model.modules() if hasattr(m, "kernel_nbytes"))
+    for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.device.type == "meta" or id(tensor) in seen:
             continue
         seen.add(id(tensor))

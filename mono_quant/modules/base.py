@@ -121,9 +121,9 @@ class QuantizedModule(nn.Module):
         if all(tensor.name != "weight_zero_point" for tensor in layout):
             self.weight_zero_point = None
 
-    def kernel_tensors(self) -> list[torch.Tensor]:
-        """Tensors a kernel holds outside the buffers (e.g. a prepacked weight), for sizes."""
-        return []
+    def kernel_nbytes(self) -> int:
+        """Bytes a kernel holds outside the buffers (e.g. a prepacked weight), for sizes."""
+        return 0
 
     def _canonical_qweight(self) -> torch.Tensor:
         """``qweight`` in the documented layout (a layer may keep a kernel's layout in memory)."""

@@ -4,10 +4,11 @@ Measured on Zen 4 (AVX-512 VNNI and BF16, no AMX; torch 2.13, 2 threads) on a 40
 layer, batch 1 / 32 / 256 (fp32: 3.5 / 12.8 / 55 ms); figures marked AMX Xeon are from an
 Intel Xeon with AMX (2 vCPUs shared with other work: 1 thread, CPU time, ratios only):
 
-* int8 x int8 -> oneDNN's ``qlinear_pointwise`` with the weight prepacked once:
-  0.16 / 1.36 / 10.5 ms. ``torch._int_mm`` reaches 0.9 / 2.1 / 13.8 ms (it re-packs the
-  weight on every call), ``torch._weight_int8pack_mm`` is 2-40x slower than fp32, and
-  dequantizing an int8 weight to float costs more than the fp32 matmul itself.
+* int8 x int8 -> oneDNN's ``qlinear_pointwise`` or fbgemm's GEMM (:func:`cpu_int8_engine`
+  picks one per process by CPU kind), with the weight prepacked once: oneDNN 0.16 / 1.36 /
+  10.5 ms. ``torch._int_mm`` reaches 0.9 / 2.1 / 13.8 ms (it re-packs the weight on every
+  call), ``torch._weight_int8pack_mm`` is 2-40x slower than fp32, and dequantizing an int8
+  weight to float costs more than the fp32 matmul itself.
     - dynamic:     activations quantized per token to int8 (one term).
     - weight-only: activations split per token into two int8 terms, ``x ~ s (a + b / 254)``,
                    stacked into one call: about 1/64000 of the row maximum, so the only error
@@ -27,12 +28,12 @@ run (the int4 kernel at every size, oneDNN / ``_int_mm`` for int8).
 
 At batch 1 oneDNN's int8 kernel is the gap to fbgemm on Zen 4: 4096x4096, 1 thread, CPU time,
 the kernel call alone 0.8-1.1 ms warm (1.7-1.85 cold) against 0.4-0.55 (1.1-1.25) for all of
-``quantize_dynamic``'s layer, whatever the source zero point or the prepack's shape hint;
-fbgemm's own kernel would need its packed copy of the weight next to oneDNN's (it is not exact
-beyond one row: fbgemm's multi-row kernel is off by ~2e-4 of the output range).
+``quantize_dynamic``'s layer, whatever the source zero point or the prepack's shape hint. Holding
+fbgemm's packed copy beside oneDNN's would double the int8 weight's memory, so a process uses
+one engine for every layer (see :func:`cpu_int8_engine` for which, and how to override it).
 
 ``_int_mm`` (:func:`int8_linear`) remains the fallback for asymmetric int8 weights and torch
-builds without oneDNN. On CUDA, int8 x int8 uses ``_int_mm`` where its shape rules hold
+builds without either engine. On CUDA, int8 x int8 uses ``_int_mm`` where its shape rules hold
 (M > 16, K and N multiples of 8), int4 uses tinygemm (``_weight_int4pack_mm``) for bf16
 inputs, and the rest dequantize to the activation dtype for the tensor-core matmul.
 """
@@ -40,18 +41,25 @@ inputs, and the rest dequantize to the activation dtype for the tensor-core matm
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 
 from mono_quant.core.scratch import scratch
+from mono_quant.errors import ConfigurationError
 from mono_quant.modules.cpu_features import CpuFeatures, aten_capability, cpu_features
 
 __all__ = [
+    "CpuInt8Weight",
     "cpu_int4_block",
     "cpu_int4_dense_choice",
     "cpu_int4_dense_linear",
     "cpu_int4_dense_min_rows",
     "cpu_int4_dense_qparams",
+    "cpu_int8_engine",
+    "cpu_int8_linear",
+    "cpu_int8_static_linear",
     "kernel_group_size",
     "quantize_per_token",
     "int8_linear",
@@ -93,7 +101,8 @@ def quantize_per_token(
 
     Returns ``(q [terms * M, K], scale [M, 1] fp32)`` with
     ``x ~ scale * (q[:M] + q[M:] / 254)`` for two terms. ``offset=128, dtype=torch.uint8``
-    gives the same values shifted into uint8 (zero point 128), which oneDNN's kernel takes.
+    gives the same values shifted into uint8 (zero point 128), which oneDNN's kernel takes;
+    ``dtype=torch.float32`` the same integers as floats, which fbgemm's kernel takes.
     """
     # Integer kernels are not differentiable: keep autograd out of the scale arithmetic too.
     x, owned = _float_input(x2d, multiplier)
@@ -105,7 +114,8 @@ def quantize_per_token(
     if terms == 1:
         return _round_to_codes(scaled, offset, dtype), scale
     rows = x.shape[0]
-    q = torch.empty((2 * rows, x.shape[1]), dtype=torch.int8, device=x.device)
+    codes_dtype = torch.float32 if dtype == torch.float32 else torch.int8
+    q = torch.empty((2 * rows, x.shape[1]), dtype=codes_dtype, device=x.device)
     first = torch.round(scaled)
     q[:rows] = first
     q[rows:] = scaled.sub_(first).mul_(_RESIDUAL_STEPS).round_()
@@ -130,7 +140,10 @@ def _float_input(x2d: torch.Tensor, multiplier: torch.Tensor | None) -> tuple[to
 
 def _round_to_codes(scaled: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
     """``round(scaled) + offset`` as ``dtype`` (int8 with offset 0, uint8 with 128), for fp32
-    ``scaled`` in [-127, 127] that the caller owns (it is overwritten)."""
+    ``scaled`` in [-127, 127] that the caller owns (it is overwritten); fp32 integers for
+    ``torch.float32`` (offset 0)."""
+    if (offset, dtype) == (0, torch.float32):
+        return scaled.round_()
     if (offset, dtype) not in ((0, torch.int8), (128, torch.uint8)):
         raise ValueError(f"unsupported activation code offset {offset} for {dtype}")  # internal use
     return scaled.add_(_ROUNDING_MAGIC + offset).view(torch.int32).to(dtype)
@@ -142,7 +155,7 @@ def _shift_codes(q: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tens
     +128 is the int8 byte with its sign bit flipped: one byte-wide pass, 2-2.5x faster than
     adding 128 in fp32 before the cast (AMX Xeon, 1 thread: 0.22 against 0.45 ms on [512, 1536]).
     """
-    if offset == 0 and dtype == torch.int8:
+    if offset == 0 and dtype in (torch.int8, torch.float32):
         return q
     if offset == 128 and dtype == torch.uint8:
         return q.view(torch.uint8).bitwise_xor_(0x80)
@@ -639,7 +652,7 @@ def _halve_codes(x_q: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, int]
     return halves, (zero_point + 1) // 2
 
 
-def onednn_int8_linear(
+def _onednn_int8_linear(
     x2d: torch.Tensor,
     packed_weight: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -648,8 +661,7 @@ def onednn_int8_linear(
     terms: int,
     multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token int8 activations (``terms`` terms) of ``x2d * multiplier`` (SmoothQuant's input
-    scale ``[K]``, or None) times a prepacked int8 weight, fp32 out.
+    """:func:`cpu_int8_linear` on oneDNN.
 
     A single row with one term (decoding a token: batch 1) is quantized with a plain float scale
     that the kernel applies itself together with the bias: no epilogue pass and half the small
@@ -673,3 +685,221 @@ def onednn_int8_linear(
     if bias is not None:
         return torch.addcmul(bias, out, act_scale, out=out)  # one pass: bias + out * scale
     return out.mul_(act_scale)
+
+
+# fbgemm, torch's own x86 int8 GEMM (what ``quantize_dynamic`` runs on), reached through
+# ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``: float activations quantized with
+# the scale and zero point given, fp32 out. Fed integer-valued floats with scale 1 it multiplies
+# our own codes exactly (it rounds non-integers differently from torch beyond one row: it adds
+# the zero point before rounding) and leaves the per-token scale to us. Without VNNI it adds
+# pairs of u8 x s8 products in int16 with saturation like oneDNN (see above): halves again.
+
+
+def fbgemm_int8_available() -> bool:
+    """Whether torch has fbgemm's quantized linear with float output (x86 CPU builds)."""
+    quantized = getattr(torch.ops, "quantized", None)
+    try:
+        return (
+            quantized is not None
+            and hasattr(quantized, "linear_prepack")
+            and hasattr(quantized, "linear_unpack")
+            and hasattr(quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+            and "fbgemm" in torch.backends.quantized.supported_engines
+            and torch.backends.quantized.engine in ("x86", "fbgemm")  # engines whose linear is fbgemm's
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fbgemm_prepack(qweight: torch.Tensor, weight_scale: torch.Tensor) -> torch.ScriptObject:
+    """Pack a symmetric int8 weight ``[N, K]`` with its per-channel scales ``[N]`` for fbgemm
+    (an opaque object; :func:`fbgemm_unpack` returns the codes)."""
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates quantized tensors, but fbgemm's packing only takes one
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch._make_per_channel_quantized_tensor(
+            qweight.contiguous(),
+            weight_scale.detach().double().contiguous(),
+            torch.zeros(qweight.shape[0], dtype=torch.int64),
+            0,
+        )
+        return torch.ops.quantized.linear_prepack(quantized, None)
+
+
+def fbgemm_unpack(packed: torch.ScriptObject) -> torch.Tensor:
+    """The int8 codes ``[N, K]`` of a :func:`fbgemm_prepack` weight."""
+    return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
+
+
+def _fbgemm(codes: torch.Tensor, zero_point: int, packed: torch.ScriptObject) -> torch.Tensor:
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, zero_point, packed)
+
+
+@functools.cache
+def fbgemm_pairs_saturate() -> bool:
+    """Whether this process's fbgemm int8 kernel saturates pairs of u8 x s8 products, probed
+    once on the worst case like :func:`onednn_pairs_saturate`."""
+    if not fbgemm_int8_available():
+        return False
+    columns, out_features = 64, 16
+    packed = fbgemm_prepack(torch.full((out_features, columns), 127, dtype=torch.int8), torch.ones(out_features))
+    exact = float(127 * 127 * columns)  # codes 127 + zero point 128 = 255 against weights of 127
+    outputs = (_fbgemm(torch.full((rows, columns), 127.0), 128, packed) for rows in (1, 8))  # GEMV, GEMM
+    return not all(bool((out == exact).all()) for out in outputs)
+
+
+def fbgemm_linear(codes: torch.Tensor, zero_point: int, packed: torch.ScriptObject) -> torch.Tensor:
+    """``codes [M, K] @ (weight * weight_scale)^T`` in fp32, exact in the integer products, for
+    integer-valued fp32 ``codes`` with ``codes + zero_point`` in [0, 255].
+
+    Where the kernel saturates the codes go in as two halves stacked as rows,
+    ``floor(c / 2)`` and ``c - floor(c / 2)``, with zero point ``ceil(zero_point / 2)``: each
+    half plus it lies in [0, 128], for either parity (the float form of :func:`_halve_codes`).
+    """
+    if not fbgemm_pairs_saturate():
+        return _fbgemm(codes, zero_point, packed)
+    rows = codes.shape[0]
+    halves = torch.empty((2 * rows, codes.shape[1]), dtype=torch.float32, device=codes.device)
+    torch.floor(codes.mul(0.5), out=halves[:rows])
+    torch.sub(codes, halves[:rows], out=halves[rows:])
+    out = _fbgemm(halves, (zero_point + 1) // 2, packed)
+    return out[:rows].add_(out[rows:])
+
+
+def _fbgemm_int8_linear(
+    x2d: torch.Tensor,
+    packed: torch.ScriptObject,
+    bias: torch.Tensor | None,
+    terms: int,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`cpu_int8_linear` on fbgemm: the codes as floats (no uint8 pass), zero point 128.
+
+    One row with one term (per token is per tensor there) goes in as it is with its float
+    scale, for fbgemm to round: three small ops around the GEMV instead of five (Zen 4, 1 thread,
+    384 -> 1536: 50 against 69 us, the GEMV 35). Its codes can differ from ours by one step
+    where a value lies within a few ulps of a rounding tie, which is as good a rounding.
+    """
+    rows = x2d.shape[0]
+    if rows == 1 and terms == 1 and not fbgemm_pairs_saturate():
+        x, _ = _float_input(x2d, multiplier)
+        amax = max(float(x.abs().amax()), 1e-12)  # a CPU tensor: .item() costs no sync
+        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, amax / 127.0, 128, packed)
+        return out if bias is None else out.add_(bias)
+    codes, act_scale = quantize_per_token(x2d, terms, dtype=torch.float32, multiplier=multiplier)
+    out = _combine_terms(fbgemm_linear(codes, 128, packed), rows, terms)
+    if bias is not None:
+        return torch.addcmul(bias, out, act_scale, out=out)  # one pass: bias + out * scale
+    return out.mul_(act_scale)
+
+
+# -- the CPU's int8 GEMM -------------------------------------------------------------------------
+# Measured (4096 x 4096; 1 thread, CPU time, ms at batch 1 / 32 / 256; torch's quantize_dynamic,
+# which is fbgemm with 7-bit per-tensor activations, in brackets):
+#   AMX Xeon:      oneDNN 0.73 at batch 1, AMX twice fbgemm's speed from 32 rows [0.64 / ...].
+#   Zen 4 (VNNI):  oneDNN 0.91 / 3.95 / 23.0; fbgemm with our codes 0.44 / 4.09 / 28.4 [0.50 / 3.84 / 27.4];
+#                  2 threads: oneDNN 0.41 / 2.18 / 12.4, fbgemm 0.27 / 2.36 / 14.5; MiniLM b32: a tie.
+#   Zen 3 (AVX2):  oneDNN 5.09 / 16.2 / 105.5; fbgemm 1.09 / 13.7 / 110 (both with halves) [0.70 / 9.2 / 56].
+# Either engine holds the weight once (the layer keeps no other copy).
+INT8_ENGINE_ENV = "MONOQUANT_INT8_KERNEL"
+_INT8_ENGINE_CHOICES = ("auto", "onednn", "fbgemm")
+
+
+@functools.cache
+def cpu_int8_engine() -> str | None:
+    """The int8 GEMM this process runs symmetric int8 layers on: "onednn", "fbgemm", or None
+    (neither in this torch build: ``_int_mm``).
+
+    ``auto`` (the default): oneDNN where AMX multiplies int8 tiles (twice fbgemm's speed from 32
+    rows), fbgemm on every other x86 CPU: its single-row kernel, the step of decoding a token,
+    is 1.5-2x oneDNN's on Zen 4 and 5x on AVX2-only CPUs, while oneDNN is 8-17% faster on Zen 4
+    at 32-256 rows of a 4096-wide layer (the figures above). ``MONOQUANT_INT8_KERNEL=onednn``
+    (or ``fbgemm``) overrides it for the process, e.g. for long prompts on Zen 4.
+    """
+    choice = os.environ.get(INT8_ENGINE_ENV, "auto").strip().lower() or "auto"
+    if choice not in _INT8_ENGINE_CHOICES:
+        raise ConfigurationError(
+            f"{INT8_ENGINE_ENV}={os.environ[INT8_ENGINE_ENV]!r} is not an int8 kernel",
+            suggestion=f"set {INT8_ENGINE_ENV} to one of {', '.join(_INT8_ENGINE_CHOICES)}, or unset it",
+        )
+    available = {"onednn": onednn_int8_available(), "fbgemm": fbgemm_int8_available()}
+    if choice == "auto":
+        if available["onednn"] and (cpu_features().amx_int8 or not available["fbgemm"]):
+            return "onednn"
+        return "fbgemm" if available["fbgemm"] else None
+    if not available[choice]:
+        raise ConfigurationError(
+            f"{INT8_ENGINE_ENV}={choice}, but this torch build cannot run it "
+            f"(x86 CPU build needed; quantized engine now {torch.backends.quantized.engine!r})",
+            suggestion=f"unset {INT8_ENGINE_ENV} to let mono_quant choose",
+        )
+    return choice
+
+
+class CpuInt8Weight:
+    """A symmetric int8 weight ``[N, K]`` prepacked once for ``engine``'s GEMM: oneDNN's opaque
+    tensor (scales passed per call), or fbgemm's packed matrix (scales packed with it).
+
+    While a layer uses it, it is the layer's only copy of the weight: :meth:`to_dense` gives the
+    codes back for saving and moves.
+    """
+
+    __slots__ = ("engine", "packed", "zero_points", "shape")
+
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, engine: str) -> None:
+        self.engine = engine
+        self.shape = tuple(qweight.shape)
+        if engine == "onednn":
+            self.packed = onednn_prepack(qweight)
+            self.zero_points = torch.zeros(qweight.shape[0], dtype=torch.int64)
+        elif engine == "fbgemm":
+            self.packed = fbgemm_prepack(qweight, weight_scale)
+            self.zero_points = None
+        else:
+            raise ValueError(f"unknown int8 engine {engine!r}")  # internal use
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the packed weight holds (fbgemm's: the codes and its int32 column sums)."""
+        if self.engine == "onednn":
+            return self.packed.numel() * self.packed.element_size()
+        return self.shape[0] * self.shape[1] + 4 * self.shape[0]
+
+    def to_dense(self) -> torch.Tensor:
+        """The int8 codes ``[N, K]``."""
+        if self.engine == "onednn":
+            return self.packed.to_dense().t().contiguous()  # the packed tensor is [K, N]
+        return fbgemm_unpack(self.packed).contiguous()
+
+
+def cpu_int8_linear(
+    x2d: torch.Tensor,
+    weight: CpuInt8Weight,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    terms: int,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token int8 activations (``terms`` terms) of ``x2d * multiplier`` (SmoothQuant's input
+    scale ``[K]``, or None) times a prepacked int8 weight, fp32 out."""
+    if weight.engine == "fbgemm":
+        return _fbgemm_int8_linear(x2d, weight.packed, bias, terms, multiplier)
+    return _onednn_int8_linear(x2d, weight.packed, weight_scale, weight.zero_points, bias, terms, multiplier)
+
+
+def cpu_int8_static_linear(
+    rounded: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    weight: CpuInt8Weight,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x_scale * (rounded - x_zero_point) @ (weight * weight_scale)^T + bias`` for static int8
+    activations: ``rounded`` holds their int8 codes as fp32 (zero point included), and is
+    overwritten."""
+    if weight.engine == "fbgemm":
+        out = fbgemm_linear(rounded.sub_(x_zero_point), x_zero_point + 128, weight.packed)
+        return out.mul_(x_scale) if bias is None else torch.add(bias, out, alpha=x_scale, out=out)
+    x_u8 = rounded.add_(128).to(torch.uint8)  # uint8 activations: shift by 128, zero point with them
+    return onednn_linear(x_u8, x_scale, x_zero_point + 128, weight.packed, weight_scale, weight.zero_points, bias)

@@ -11,21 +11,21 @@ from torch import nn
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec, regroup
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
+    CpuInt8Weight,
     cpu_int4_dense_choice,
     cpu_int4_dense_linear,
     cpu_int4_dense_qparams,
     cpu_int4_linear,
     cpu_int4_supported,
+    cpu_int8_engine,
+    cpu_int8_linear,
+    cpu_int8_static_linear,
     from_cpu_int4_layout,
     int4_grouped_linear,
     int4_scales_and_zeros,
     int8_linear,
     int_mm_supported,
     kernel_group_size,
-    onednn_int8_available,
-    onednn_int8_linear,
-    onednn_linear,
-    onednn_prepack,
     quantize_per_token,
     tinygemm_linear,
     tinygemm_pack,
@@ -35,14 +35,15 @@ from mono_quant.modules.kernels import (
 __all__ = ["QuantizedLinear"]
 
 _KERNEL_CACHES = (
-    "_onednn_cache",
-    "_onednn_pending",
+    "_int8_cache",
+    "_int8_pending",
     "_tinygemm_cache",
     "_scales_and_zeros_cache",
     "_dense_qparams_cache",
 )
-# Serialises the deferred oneDNN packing (see _adopt_kernel_layout) when threads share a layer.
+# Serialises the deferred int8 packing (see _adopt_kernel_layout) when threads share a layer.
 _PACK_LOCK = threading.Lock()
+_INT8_ENGINES = ("onednn", "fbgemm")  # the qweight_layout names of prepacked int8 weights
 
 
 @register_quantized_module(nn.Linear)
@@ -125,9 +126,11 @@ class QuantizedLinear(QuantizedModule):
     # ``qweight_layout`` says what ``qweight`` holds in memory:
     #   "packed"    the documented layout (int8 [N, K], or int4 two per byte [N, K // 2]);
     #   "cpu_int4"  int4 in the block layout of torch's CPU int4 kernel (same size);
-    #   "onednn"    int8 prepacked for oneDNN, kept in ``_onednn_cache``; ``qweight`` is then an
-    #               empty placeholder, so the weight is held once, not twice. Packed on the
-    #               first forward, not at construction (see _adopt_kernel_layout).
+    #   "onednn" / "fbgemm"
+    #               int8 prepacked for that engine's GEMM (kernels.cpu_int8_engine), kept in
+    #               ``_int8_cache`` (a CpuInt8Weight); ``qweight`` is then an empty placeholder,
+    #               so the weight is held once, not twice. Packed on the first forward, not at
+    #               construction (see _adopt_kernel_layout).
     # state_dict(), dequantized_weight(), pickling and device moves always see the documented
     # layout; the kernel layout is (re)adopted after construction, loading and moves.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -161,9 +164,9 @@ class QuantizedLinear(QuantizedModule):
         super().__setstate__(state)
         self._adopt_kernel_layout()
 
-    def kernel_tensors(self) -> list[torch.Tensor]:
-        packed = self.__dict__.get("_onednn_cache")
-        return [packed[0]] if packed else []
+    def kernel_nbytes(self) -> int:
+        packed = self.__dict__.get("_int8_cache")
+        return packed.nbytes if packed else 0
 
     def _drop_kernel_caches(self) -> None:
         for name in _KERNEL_CACHES:
@@ -201,54 +204,55 @@ class QuantizedLinear(QuantizedModule):
             and cpu_int4_supported(self.out_features, self.in_features, self.kernel_group)
         )
 
-    def _onednn_eligible(self) -> bool:
-        return self.config.bits == 8 and self.weight_zero_point is None and onednn_int8_available()
+    def _int8_kernel_eligible(self) -> bool:
+        return self.config.bits == 8 and self.weight_zero_point is None and cpu_int8_engine() is not None
 
     def _adopt_kernel_layout(self) -> None:
         """On the CPU, hold the weight in the layout of the kernel that runs it (same size).
 
-        int4 converts now. int8 for oneDNN is only marked here and packed by the first forward
-        (:meth:`_onednn_weight`): on AMX CPUs oneDNN reorders into its AMX layout with a generic
-        loop, ~90 ms for a 4096x4096 weight, four times the quantization itself, and twice the
-        memory while both forms exist. A model that is quantized and saved (the service's
-        path) never pays it; one that runs pays it once, on its first batch.
+        int4 converts now. int8 is only marked here and packed by the first forward
+        (:meth:`_int8_weight`): on AMX CPUs oneDNN reorders into its AMX layout with a generic
+        loop, ~90 ms for a 4096x4096 weight, four times the quantization itself (fbgemm's
+        packing on Zen 4: ~100 ms), and twice the memory while both forms exist. A model that
+        is quantized and saved (the service's path) never pays it; one that runs pays it once,
+        on its first batch.
         """
         if self.qweight_layout != "packed" or self.qweight.device.type != "cpu":
             return
         if self._cpu_int4_eligible():
             self.qweight = to_cpu_int4_layout(self.qweight)
             self.qweight_layout = "cpu_int4"
-        elif self._onednn_eligible():
-            object.__setattr__(self, "_onednn_pending", True)
+        elif self._int8_kernel_eligible():
+            object.__setattr__(self, "_int8_pending", True)
 
-    def _pack_onednn(self) -> None:
+    def _pack_int8(self) -> None:
+        engine = cpu_int8_engine()
         try:
-            packed = onednn_prepack(self.qweight)
-        except RuntimeError:  # this build's oneDNN refuses the shape: stay on _int_mm
+            packed = CpuInt8Weight(self.qweight, self.weight_scale, engine)
+        except RuntimeError:  # this build's kernel refuses the shape: stay on _int_mm
             return
-        zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-        object.__setattr__(self, "_onednn_cache", (packed, zero_points))
+        object.__setattr__(self, "_int8_cache", packed)
         self.qweight = torch.empty(0, dtype=torch.int8)
-        self.qweight_layout = "onednn"
+        self.qweight_layout = engine
 
-    def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(prepacked weight, int64 zero points)`` when the oneDNN layout is in use, packing
-        the weight first if that is still pending."""
-        if "_onednn_pending" in self.__dict__:
+    def _int8_weight(self) -> CpuInt8Weight | None:
+        """The prepacked weight when an int8 kernel layout is in use, packing the weight first if
+        that is still pending."""
+        if "_int8_pending" in self.__dict__:
             # Another thread arriving meanwhile waits for the packed weight (the flag goes last)
             # rather than running on a qweight that is being replaced.
             with _PACK_LOCK, torch.inference_mode(False), torch.no_grad():
-                if "_onednn_pending" in self.__dict__:
+                if "_int8_pending" in self.__dict__:
                     if self.qweight_layout == "packed":
-                        self._pack_onednn()
-                    self.__dict__.pop("_onednn_pending", None)
-        return self.__dict__.get("_onednn_cache") if self.qweight_layout == "onednn" else None
+                        self._pack_int8()
+                    self.__dict__.pop("_int8_pending", None)
+        return self.__dict__.get("_int8_cache") if self.qweight_layout in _INT8_ENGINES else None
 
     def _canonical_qweight(self) -> torch.Tensor:
         if self.qweight_layout == "cpu_int4":
             return from_cpu_int4_layout(self.qweight)
-        if self.qweight_layout == "onednn":
-            return self._onednn_cache[0].to_dense().t().contiguous()  # the packed tensor is [K, N]
+        if self.qweight_layout in _INT8_ENGINES:
+            return self._int8_cache.to_dense()
         return self.qweight
 
     def _scales_and_zeros(self) -> torch.Tensor:
@@ -293,9 +297,9 @@ class QuantizedLinear(QuantizedModule):
         dynamic = self.config.activation == "dynamic"
         terms = 1 if dynamic else 2
         if x2d.is_cpu and self.config.group_size is None:
-            onednn = self._onednn_weight()
-            if onednn:
-                return onednn_int8_linear(x2d, onednn[0], self.weight_scale, onednn[1], self.bias, terms, smoothing)
+            packed = self._int8_weight()
+            if packed:
+                return cpu_int8_linear(x2d, packed, self.weight_scale, self.bias, terms, smoothing)
         use_int_mm = self.config.group_size is None and int_mm_supported(
             x2d.shape[0], self.in_features, self.out_features, x2d.device
         )
@@ -372,12 +376,9 @@ class QuantizedLinear(QuantizedModule):
             scaled = torch.mul(x2d.float(), smoothing / scale)
         rounded = scaled.round_().add_(zp).clamp_(spec.qmin, spec.qmax)
         if x2d.device.type == "cpu":
-            onednn = self._onednn_weight()
-            if onednn:  # uint8 activations: shift by 128, zero point with them
-                x_u8 = rounded.add_(128).to(torch.uint8)
-                return onednn_linear(
-                    x_u8, float(scale), int(zp) + 128, onednn[0], self.weight_scale, onednn[1], self.bias
-                )
+            packed = self._int8_weight()
+            if packed:
+                return cpu_int8_static_linear(rounded, float(scale), int(zp), packed, self.weight_scale, self.bias)
         xq = rounded.to(torch.int8)
         if (
             self.config.bits == 8

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
+from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module, kernels
+from mono_quant.modules import linear as linear_module
 
 
 def fake_quantize_per_token(x2d: torch.Tensor) -> torch.Tensor:
@@ -42,3 +43,15 @@ def ref() -> SimpleNamespace:
         static=fake_quantize_static,
         rebuild=rebuild,
     )
+
+
+@pytest.fixture(params=["onednn", "fbgemm", None], ids=["onednn", "fbgemm", "int_mm"])
+def int8_engine(request, monkeypatch) -> str | None:
+    """Each CPU int8 engine in turn (skipped where this torch build lacks it), then none: the
+    ``_int_mm`` path of builds without either. Layers built inside the test use it."""
+    engine = request.param
+    available = {"onednn": kernels.onednn_int8_available(), "fbgemm": kernels.fbgemm_int8_available()}
+    if engine is not None and not available[engine]:
+        pytest.skip(f"this torch build has no {engine} int8 linear")
+    monkeypatch.setattr(linear_module, "cpu_int8_engine", lambda: engine)
+    return engine

@@ -1,12 +1,14 @@
 """Kernels whose results depend on the instruction set: exact on every CPU kind.
 
 Two things differ between x86 CPUs beyond speed (both found on an AVX2-only AMD Zen 3):
-* oneDNN's int8 kernel without VNNI sums pairs of u8 x s8 products in int16 with saturation;
-  ``onednn_linear`` halves the activation codes there (kernels.py).
+* oneDNN's and fbgemm's int8 kernels without VNNI sum pairs of u8 x s8 products in int16 with
+  saturation; ``onednn_linear`` and ``fbgemm_linear`` halve the activation codes there
+  (kernels.py).
 * torch's CPU int4 kernel packs its weight in blocks of 64 rows under AVX-512 and 32 under AVX2.
 
-The last test runs a child process with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
-``ATEN_CPU_CAPABILITY=avx2``, so an AVX-512 or AMX machine runs the AVX2 code paths too.
+The last test runs a child process with ``ONEDNN_MAX_CPU_ISA=AVX2``,
+``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2``, so an AVX-512 or AMX machine
+runs the AVX2 code paths too.
 """
 
 from __future__ import annotations
@@ -54,6 +56,36 @@ def test_onednn_linear_is_exact_on_the_worst_case_codes(rows, zero_point):
     torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-2)
 
 
+needs_fbgemm = pytest.mark.skipif(not kernels.fbgemm_int8_available(), reason="this torch has no fbgemm int8 linear")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("halves", [False, True], ids=["as_probed", "halves"])
+@pytest.mark.parametrize("rows", [1, 3, 33])
+@pytest.mark.parametrize("zero_point", [128, 101, 255])
+def test_fbgemm_linear_is_exact_on_the_worst_case_codes(monkeypatch, halves, rows, zero_point):
+    # as above, with float codes c (c + zero point in [0, 255]); the halves run on any CPU
+    if halves:
+        monkeypatch.setattr(kernels, "fbgemm_pairs_saturate", lambda: True)
+    generator = torch.Generator().manual_seed(rows)
+    signs = torch.randint(0, 2, (24, 256), generator=generator).bool()
+    weight = torch.where(signs, 127, -127).to(torch.int8)
+    picked = signs[:rows] if rows <= 24 else signs.repeat(2, 1)[:rows]
+    codes = torch.where(picked, 255 - zero_point, -zero_point).float()
+    codes[:, ::7] = torch.randint(0, 256, codes[:, ::7].shape, generator=generator).float() - zero_point
+    scale = torch.rand(24, generator=generator) + 0.5
+    out = kernels.fbgemm_linear(codes, zero_point, kernels.fbgemm_prepack(weight, scale))
+    exact = (codes.double() @ weight.double().t()) * scale.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-2)
+
+
+@needs_fbgemm
+def test_fbgemm_packing_keeps_the_codes():
+    weight = torch.randint(-127, 128, (40, 72), dtype=torch.int8)
+    packed = kernels.CpuInt8Weight(weight, torch.rand(40) + 0.1, "fbgemm")
+    assert torch.equal(packed.to_dense(), weight) and packed.nbytes >= weight.numel()
+
+
 @needs_onednn
 def test_saturation_probe_agrees_with_the_cpu():
     # VNNI (AVX-512 VNNI, AVX-VNNI) or AMX accumulate in int32; unless oneDNN is capped below
@@ -62,6 +94,8 @@ def test_saturation_probe_agrees_with_the_cpu():
     capped = "ONEDNN_MAX_CPU_ISA" in os.environ or "DNNL_MAX_CPU_ISA" in os.environ
     if (features.avx512_vnni or features.amx_int8) and not capped:
         assert not kernels.onednn_pairs_saturate()
+        if kernels.fbgemm_int8_available() and "FBGEMM_ENABLE_INSTRUCTIONS" not in os.environ:
+            assert not kernels.fbgemm_pairs_saturate()
     if features.source == "cpuinfo" and features.avx2 and not features.avx512:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             flags = f.read()
@@ -85,7 +119,8 @@ _AVX2_CHILD = textwrap.dedent(
     x = torch.randn(40, 256)
     x[:, 5] *= 20
     report = {"capability": aten_capability(), "saturates": kernels.onednn_pairs_saturate(),
-              "int4_block": kernels.cpu_int4_block()}
+              "fbgemm_saturates": kernels.fbgemm_pairs_saturate(),
+              "engine": kernels.cpu_int8_engine(), "int4_block": kernels.cpu_int4_block()}
     cases = {
         "int8_dynamic": dict(bits=8, dynamic=True),
         "int8_weight_only": dict(bits=8, weight_only=True),
@@ -101,14 +136,24 @@ _AVX2_CHILD = textwrap.dedent(
         layouts = sorted({m.qweight_layout for m in result.model.modules() if hasattr(m, "qweight_layout")})
         return (*outputs, layouts)
 
-    fast = {name: run(kwargs) for name, kwargs in cases.items()}
-    # the generic paths: int8 on _int_mm (int32 accumulation), int4 dequantized
-    linear.onednn_int8_available = lambda: False
+    engines = [e for e, ok in (("fbgemm", kernels.fbgemm_int8_available()),
+                               ("onednn", kernels.onednn_int8_available())) if ok]
+    fast = {}
+    for engine in engines:  # each int8 engine in turn, then int4 with the default
+        linear.cpu_int8_engine = lambda: engine
+        fast.update({(name, engine): run(kwargs) for name, kwargs in cases.items() if name != "int4"})
+    fast["int4", None] = run(cases["int4"])
+    # the generic paths: int8 dequantized to fp32 (not _int_mm: on a VNNI CPU torch runs it on
+    # oneDNN, which the cap above makes saturate; on a real AVX2 CPU it takes an exact loop),
+    # int4 on int4_grouped_linear (its pair sums stay far below int16's range)
+    linear.cpu_int8_engine = lambda: None
+    linear.int_mm_supported = lambda *args: False
     linear.cpu_int4_supported = lambda *args: False
-    for name, kwargs in cases.items():
-        generic = run(kwargs)
-        report[name] = {"layouts": fast[name][2], "generic_layouts": generic[2],
-                        "db": sqnr(generic[0], fast[name][0]), "db_one_row": sqnr(generic[1], fast[name][1])}
+    generic = {name: run(kwargs) for name, kwargs in cases.items()}
+    for (name, engine), outputs in fast.items():
+        report[f"{name}:{engine}"] = {"layouts": outputs[2], "generic_layouts": generic[name][2],
+                                      "db": sqnr(generic[name][0], outputs[0]),
+                                      "db_one_row": sqnr(generic[name][1], outputs[1])}
     print(json.dumps(report))
     """
 )
@@ -116,22 +161,36 @@ _AVX2_CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(not cpu_features().avx2, reason="needs an x86 CPU with AVX2")
 def test_avx2_code_paths_compute_what_the_generic_paths_compute():
-    """Forced onto their AVX2 code (any AVX2 machine), the oneDNN int8 and CPU int4 kernels give
-    the outputs of the generic paths: int8 to fp32 rounding, int4 to its bf16 activations."""
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
+    """Forced onto their AVX2 code (any AVX2 machine), the oneDNN and fbgemm int8 and the CPU int4
+    kernels give the outputs of the generic paths: int8 to the two-term split's precision
+    (weight-only) or fp32 rounding, int4 to its bf16 activations."""
+    env = dict(
+        os.environ,
+        ONEDNN_MAX_CPU_ISA="AVX2",
+        FBGEMM_ENABLE_INSTRUCTIONS="AVX2",
+        ATEN_CPU_CAPABILITY="avx2",
+        OMP_NUM_THREADS="1",
+    )
+    env.pop(kernels.INT8_ENGINE_ENV, None)
     done = subprocess.run(
         [sys.executable, "-c", _AVX2_CHILD], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["capability"] == "AVX2" and report["int4_block"] == 32
-    onednn = kernels.onednn_int8_available()
+    onednn, fbgemm = kernels.onednn_int8_available(), kernels.fbgemm_int8_available()
     if onednn:
         assert report["saturates"], "oneDNN capped at AVX2 has no VNNI: the probe must see it saturate"
-    for name in ("int8_dynamic", "int8_weight_only", "int8_static"):
-        assert report[name]["layouts"] == (["onednn"] if onednn else ["packed"]), report[name]
-        assert report[name]["generic_layouts"] == ["packed"]
-        # measured with the saturating sums (before the halving): 12 dB dynamic and weight-only, 28 static
-        assert report[name]["db"] > 60 and report[name]["db_one_row"] > 60, (name, report[name])
-    assert report["int4"]["layouts"] == ["cpu_int4"]  # the 96-row layer fits 32-row blocks
-    assert report["int4"]["db"] > 35 and report["int4"]["db_one_row"] > 35, report["int4"]
+    if fbgemm:
+        assert report["fbgemm_saturates"], "fbgemm capped at AVX2 has no VNNI: the probe must see it saturate"
+    assert report["engine"] == kernels.cpu_int8_engine()  # the choice reads the CPU, not the caps
+    engines = [e for e, ok in (("fbgemm", fbgemm), ("onednn", onednn)) if ok]
+    for engine in engines:
+        for name in ("int8_dynamic", "int8_weight_only", "int8_static"):
+            case = report[f"{name}:{engine}"]
+            assert case["layouts"] == [engine] and case["generic_layouts"] == ["packed"], (name, case)
+            # measured with the saturating sums (before the halving): 12 dB dynamic and weight-only, 28 static
+            assert case["db"] > 60 and case["db_one_row"] > 60, (name, engine, case)
+    int4 = report["int4:None"]
+    assert int4["layouts"] == ["cpu_int4"]  # the 96-row layer fits 32-row blocks
+    assert int4["db"] > 35 and int4["db_one_row"] > 35, int4

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mono_quant.core.schemes import sqnr
+from mono_quant.errors import ConfigurationError
 from mono_quant.modules import LayerQuantConfig, QuantizedLinear, kernels
 from mono_quant.modules import linear as linear_module
 from mono_quant.modules.cpu_features import CpuFeatures
@@ -18,7 +19,6 @@ from mono_quant.modules.cpu_features import CpuFeatures
 needs_int4_kernel = pytest.mark.skipif(
     not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="this torch has no CPU int4 kernel"
 )
-needs_onednn = pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch has no oneDNN int8 linear")
 
 XEON_AMX = CpuFeatures(amx_int8=True, amx_bf16=True, avx512_vnni=True, avx512_bf16=True, avx512=True, avx2=True)
 ZEN4 = CpuFeatures(avx512_vnni=True, avx512_bf16=True, avx512=True, avx2=True)
@@ -163,23 +163,22 @@ def test_dynamic_single_row_matches_the_row_in_a_batch(ref, symmetric):
         torch.testing.assert_close(alone, reference, rtol=1e-4, atol=1e-4)
 
 
-@needs_onednn
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("activation", ["dynamic", "none"])
-def test_int8_int_mm_fallback_matches_onednn(monkeypatch, rows, activation):
-    """Without oneDNN (non-x86 builds) int8 runs on ``_int_mm``: same numbers."""
+def test_int8_engines_and_the_int_mm_fallback_compute_the_same(monkeypatch, int8_engine, rows, activation):
+    """oneDNN, fbgemm and (builds without either) ``_int_mm``: the same numbers."""
     torch.manual_seed(rows)
     float_layer = nn.Linear(64, 48)
     config = LayerQuantConfig(bits=8, symmetric=True, activation=activation)
-    fast = QuantizedLinear.from_float(float_layer, config)
+    layer = QuantizedLinear.from_float(float_layer, config)
     x = torch.randn(rows, 64)
-    fast_out = fast(x)
-    assert fast.qweight_layout == "onednn"
-    monkeypatch.setattr(linear_module, "onednn_int8_available", lambda: False)
+    out = layer(x)
+    assert layer.qweight_layout == (int8_engine or "packed")
+    monkeypatch.setattr(linear_module, "cpu_int8_engine", lambda: None)
     generic = QuantizedLinear.from_float(float_layer, config)
     generic_out = generic(x)
     assert generic.qweight_layout == "packed"
-    torch.testing.assert_close(generic_out, fast_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(generic_out, out, rtol=1e-4, atol=1e-4)
 
 
 # -- int8: SmoothQuant's input multiplier folded into the per-token quantization ----------------
@@ -198,17 +197,10 @@ def test_quantize_per_token_folds_the_multiplier_exactly(terms, codes, dtype):
     assert torch.equal(x, before)  # the multiplied copy is scaled in place, never the input
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "int_mm"])
 @pytest.mark.parametrize("rows", [1, 6])
 @pytest.mark.parametrize("activation", ["dynamic", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_smoothed_int8_matches_multiplying_first_and_leaves_the_input_alone(
-    monkeypatch, onednn, rows, activation, dtype
-):
-    if onednn and not kernels.onednn_int8_available():
-        pytest.skip("this torch has no oneDNN int8 linear")
-    if not onednn:
-        monkeypatch.setattr(linear_module, "onednn_int8_available", lambda: False)
+def test_smoothed_int8_matches_multiplying_first_and_leaves_the_input_alone(int8_engine, rows, activation, dtype):
     torch.manual_seed(rows)
     float_layer = nn.Linear(64, 40)
     config = LayerQuantConfig(bits=8, symmetric=True, activation=activation)
@@ -222,7 +214,7 @@ def test_smoothed_int8_matches_multiplying_first_and_leaves_the_input_alone(
     assert torch.equal(x, before)
     plain(x)
     assert torch.equal(x, before)
-    assert smoothed.qweight_layout == plain.qweight_layout == ("onednn" if onednn else "packed")
+    assert smoothed.qweight_layout == plain.qweight_layout == (int8_engine or "packed")
     # what the layer computed before the fold (in fp32: x * s is fp32), back in the input's dtype
     expected = plain(x * smoothed.input_smoothing).to(dtype)
     assert out.dtype == dtype
@@ -230,3 +222,47 @@ def test_smoothed_int8_matches_multiplying_first_and_leaves_the_input_alone(
     if activation == "dynamic":  # and one row alone quantizes like the same row in a batch
         batched = smoothed(torch.cat([x, x * 0.1]))
         torch.testing.assert_close(smoothed(x[:1]), batched[:1], rtol=1e-4, atol=1e-4)
+
+
+# -- which int8 engine ----------------------------------------------------------------------------
+@pytest.fixture
+def engine_choice(monkeypatch):
+    """``cpu_int8_engine()`` recomputed with the engines' availability and saturation given."""
+
+    def choose(onednn=True, fbgemm=True, features=ZEN4, env=None):
+        monkeypatch.setattr(kernels, "onednn_int8_available", lambda: onednn)
+        monkeypatch.setattr(kernels, "fbgemm_int8_available", lambda: fbgemm)
+        monkeypatch.setattr(kernels, "cpu_features", lambda: features)
+        if env is None:
+            monkeypatch.delenv(kernels.INT8_ENGINE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(kernels.INT8_ENGINE_ENV, env)
+        kernels.cpu_int8_engine.cache_clear()
+        try:
+            return kernels.cpu_int8_engine()
+        finally:
+            kernels.cpu_int8_engine.cache_clear()
+
+    yield choose
+    kernels.cpu_int8_engine.cache_clear()
+
+
+def test_int8_engine_follows_the_cpu(engine_choice):
+    assert engine_choice(features=XEON_AMX) == "onednn"  # AMX tiles: twice fbgemm from 32 rows
+    assert engine_choice(features=ZEN4) == "fbgemm"  # its single-row kernel is 1.5-2x oneDNN's
+    assert engine_choice(features=AVX2_ONLY) == engine_choice(features=GENERIC) == "fbgemm"
+    assert engine_choice(features=XEON_AMX, fbgemm=False) == engine_choice(fbgemm=False) == "onednn"
+    assert engine_choice(features=XEON_AMX, onednn=False) == "fbgemm"
+    assert engine_choice(onednn=False, fbgemm=False) is None  # _int_mm
+    assert engine_choice(env="ONEDNN") == "onednn" and engine_choice(features=XEON_AMX, env="fbgemm") == "fbgemm"
+    assert engine_choice(features=XEON_AMX, env=" auto ") == "onednn"
+
+
+@pytest.mark.parametrize(
+    ("env", "onednn", "fbgemm", "match"),
+    [("mkl", True, True, "is not an int8 kernel"), ("fbgemm", True, False, "cannot run it")],
+)
+def test_int8_engine_refuses_what_it_cannot_use(engine_choice, env, onednn, fbgemm, match):
+    with pytest.raises(ConfigurationError, match=match) as info:
+        engine_choice(onednn=onednn, fbgemm=fbgemm, env=env)
+    assert kernels.INT8_ENGINE_ENV in info.value.suggestion

@@ -53,7 +53,7 @@ def test_int8_stores_int8_weights_and_per_channel_scales(linear):
     # in memory the weight may live in a kernel's packed form; the documented layout is int8 [N, K]
     weight = layer._canonical_qweight()
     assert weight.dtype == torch.int8 and weight.shape == (OUT, IN)
-    assert all(t.dtype == torch.int8 for t in layer.kernel_tensors())
+    assert layer.kernel_nbytes() == 0  # packed on the first forward (see below)
     assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (OUT,)
     assert layer.weight_zero_point is None
     assert "weight" not in dict(layer.named_parameters()) and list(layer.parameters()) == []
@@ -258,14 +258,13 @@ def test_layer_config_validates(kwargs, match):
 
 
 @pytest.mark.parametrize("activation", ["dynamic", "none", "static"])
-def test_onednn_packing_waits_for_the_first_forward(activation):
-    """int8 weights are packed for oneDNN on the first forward, not at construction (the AMX
-    reorder costs more than quantizing): before it the layer holds the documented int8 weight,
-    after it the packed one, and outputs and state_dict are the same either way."""
-    from mono_quant.modules.kernels import onednn_int8_available
-
-    if not onednn_int8_available():
-        pytest.skip("this torch build has no oneDNN int8 linear")
+def test_int8_packing_waits_for_the_first_forward(int8_engine, activation):
+    """int8 weights are packed for the CPU's int8 engine on the first forward, not at
+    construction (the AMX reorder costs more than quantizing): before it the layer holds the
+    documented int8 weight, after it the packed one, and outputs and state_dict are the same
+    either way."""
+    if int8_engine is None:
+        pytest.skip("nothing to pack without an int8 engine")
     torch.manual_seed(0)
     float_layer = nn.Linear(IN, OUT)
     qparams = (torch.tensor(0.05), torch.tensor(3, dtype=torch.int32))
@@ -275,7 +274,8 @@ def test_onednn_packing_waits_for_the_first_forward(activation):
     before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
     x = torch.randn(5, IN)
     first = layer(x)
-    assert layer.qweight_layout == "onednn" and layer.qweight.numel() == 0  # held once, packed
+    assert layer.qweight_layout == int8_engine and layer.qweight.numel() == 0  # held once, packed
+    assert layer.kernel_nbytes() >= IN * OUT
     torch.testing.assert_close(layer(x), first)
     after = layer.state_dict()
     assert before.keys() == after.keys()
