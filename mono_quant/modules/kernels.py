@@ -867,10 +867,12 @@ class CpuInt8Weight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the packed weight holds (fbgemm's: the codes and its int32 column sums)."""
+        """Bytes of the packed codes (fbgemm's int32 column sums beside them, 4 per output
+        channel, are left out like oneDNN's padding: a model's size does not change when its
+        layers are packed)."""
         if self.engine == "onednn":
             return self.packed.numel() * self.packed.element_size()
-        return self.shape[0] * self.shape[1] + 4 * self.shape[0]
+        return self.shape[0] * self.shape[1]
 
     def to_dense(self) -> torch.Tensor:
         """The int8 codes ``[N, K]``."""
@@ -905,6 +907,7 @@ def cpu_int8_static_linear(
     """``x_scale * (rounded - x_zero_point) @ (weight * weight_scale)^T + bias`` for static int8
     activations: ``rounded`` holds their int8 codes as fp32 (zero point included), and is
     overwritten."""
+    rounded = rounded.detach()  # integer codes: nothing to differentiate (the oneDNN cast drops it too)
     if weight.engine == "fbgemm":
         out = fbgemm_linear(rounded.sub_(x_zero_point), x_zero_point + 128, weight.packed)
         return out.mul_(x_scale) if bias is None else torch.add(bias, out, alpha=x_scale, out=out)

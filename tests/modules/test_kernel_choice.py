@@ -266,3 +266,17 @@ def test_int8_engine_refuses_what_it_cannot_use(engine_choice, env, onednn, fbge
     with pytest.raises(ConfigurationError, match=match) as info:
         engine_choice(onednn=onednn, fbgemm=fbgemm, env=env)
     assert kernels.INT8_ENGINE_ENV in info.value.suggestion
+
+
+@pytest.mark.parametrize("activation", ["dynamic", "none", "static"])
+def test_int8_engines_take_inputs_that_require_grad(int8_engine, activation):
+    # a quantized layer inside a model being fine-tuned elsewhere: no gradient through the
+    # integer kernels, the same output as without autograd
+    torch.manual_seed(0)
+    float_layer = nn.Linear(32, 16)
+    qparams = (torch.tensor(0.05), torch.tensor(-3, dtype=torch.int32))
+    config = LayerQuantConfig(bits=8, symmetric=True, activation=activation)
+    layer = QuantizedLinear.from_float(float_layer, config, input_qparams=qparams if activation == "static" else None)
+    x = torch.randn(3, 32)
+    expected = layer(x)
+    torch.testing.assert_close(layer(x.clone().requires_grad_()).detach(), expected, rtol=0, atol=0)
