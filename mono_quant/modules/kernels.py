@@ -553,16 +553,16 @@ def cpu_int4_dense_linear(
 # It wants uint8 activations: ours are stored shifted by 128 with zero point 128.
 
 
+def _has_ops(namespace: str, *names: str) -> bool:
+    """Whether this torch build registers every op ``names`` under ``torch.ops.<namespace>``."""
+    ops = getattr(torch.ops, namespace, None)
+    return ops is not None and all(hasattr(ops, name) for name in names)
+
+
 def onednn_int8_available() -> bool:
     """Whether torch has oneDNN's quantized linear (x86 CPU builds)."""
-    onednn = getattr(torch.ops, "onednn", None)
     try:
-        return (
-            onednn is not None
-            and hasattr(onednn, "qlinear_prepack")
-            and hasattr(onednn, "qlinear_pointwise")
-            and torch.backends.mkldnn.is_available()
-        )
+        return _has_ops("onednn", "qlinear_prepack", "qlinear_pointwise") and torch.backends.mkldnn.is_available()
     except (AttributeError, RuntimeError):
         return False
 
@@ -697,13 +697,9 @@ def _onednn_int8_linear(
 
 def fbgemm_int8_available() -> bool:
     """Whether torch has fbgemm's quantized linear with float output (x86 CPU builds)."""
-    quantized = getattr(torch.ops, "quantized", None)
     try:
         return (
-            quantized is not None
-            and hasattr(quantized, "linear_prepack")
-            and hasattr(quantized, "linear_unpack")
-            and hasattr(quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+            _has_ops("quantized", "linear_prepack", "linear_unpack", "linear_with_input_q_dq_qweight_dq_output_fp32")
             and "fbgemm" in torch.backends.quantized.supported_engines
             and torch.backends.quantized.engine in ("x86", "fbgemm")  # engines whose linear is fbgemm's
         )
