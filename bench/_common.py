@@ -87,8 +87,7 @@ def int8_engines() -> list[str]:
     """The CPU int8 engines this torch build has ("onednn", "fbgemm")."""
     from mono_quant.modules import kernels
 
-    available = {"onednn": kernels.onednn_int8_available(), "fbgemm": kernels.fbgemm_int8_available()}
-    return [name for name, ok in available.items() if ok]
+    return [name for name, ok in kernels.available_int8_engines().items() if ok]
 
 
 def pack_for_engine(model: Any, engine: str) -> Any:

@@ -805,7 +805,13 @@ def _fbgemm_int8_linear(
 #   Zen 3 (AVX2):  oneDNN 5.09 / 16.2 / 105.5; fbgemm 1.09 / 13.7 / 110 (both with halves) [0.70 / 9.2 / 56].
 # Either engine holds the weight once (the layer keeps no other copy).
 INT8_ENGINE_ENV = "MONOQUANT_INT8_KERNEL"
-_INT8_ENGINE_CHOICES = ("auto", "onednn", "fbgemm")
+INT8_ENGINES = ("onednn", "fbgemm")  # the prepacked engines; also the qweight_layout names
+_INT8_ENGINE_CHOICES = ("auto", *INT8_ENGINES)
+
+
+def available_int8_engines() -> dict[str, bool]:
+    """Which of :data:`INT8_ENGINES` this torch build can run."""
+    return {"onednn": onednn_int8_available(), "fbgemm": fbgemm_int8_available()}
 
 
 @functools.cache
@@ -825,7 +831,7 @@ def cpu_int8_engine() -> str | None:
             f"{INT8_ENGINE_ENV}={os.environ[INT8_ENGINE_ENV]!r} is not an int8 kernel",
             suggestion=f"set {INT8_ENGINE_ENV} to one of {', '.join(_INT8_ENGINE_CHOICES)}, or unset it",
         )
-    available = {"onednn": onednn_int8_available(), "fbgemm": fbgemm_int8_available()}
+    available = available_int8_engines()
     if choice == "auto":
         if available["onednn"] and (cpu_features().amx_int8 or not available["fbgemm"]):
             return "onednn"

@@ -11,6 +11,7 @@ from torch import nn
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, QuantSpec, regroup
 from mono_quant.modules.base import LayerQuantConfig, QuantizedModule, register_quantized_module
 from mono_quant.modules.kernels import (
+    INT8_ENGINES,
     CpuInt8Weight,
     cpu_int4_dense_choice,
     cpu_int4_dense_linear,
@@ -43,7 +44,6 @@ _KERNEL_CACHES = (
 )
 # Serialises the deferred int8 packing (see _adopt_kernel_layout) when threads share a layer.
 _PACK_LOCK = threading.Lock()
-_INT8_ENGINES = ("onednn", "fbgemm")  # the qweight_layout names of prepacked int8 weights
 
 
 @register_quantized_module(nn.Linear)
@@ -246,12 +246,12 @@ class QuantizedLinear(QuantizedModule):
                     if self.qweight_layout == "packed":
                         self._pack_int8()
                     self.__dict__.pop("_int8_pending", None)
-        return self.__dict__.get("_int8_cache") if self.qweight_layout in _INT8_ENGINES else None
+        return self.__dict__.get("_int8_cache") if self.qweight_layout in INT8_ENGINES else None
 
     def _canonical_qweight(self) -> torch.Tensor:
         if self.qweight_layout == "cpu_int4":
             return from_cpu_int4_layout(self.qweight)
-        if self.qweight_layout in _INT8_ENGINES:
+        if self.qweight_layout in INT8_ENGINES:
             return self._int8_cache.to_dense()
         return self.qweight
 

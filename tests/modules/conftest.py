@@ -50,8 +50,7 @@ def int8_engine(request, monkeypatch) -> str | None:
     """Each CPU int8 engine in turn (skipped where this torch build lacks it), then none: the
     ``_int_mm`` path of builds without either. Layers built inside the test use it."""
     engine = request.param
-    available = {"onednn": kernels.onednn_int8_available(), "fbgemm": kernels.fbgemm_int8_available()}
-    if engine is not None and not available[engine]:
+    if engine is not None and not kernels.available_int8_engines()[engine]:
         pytest.skip(f"this torch build has no {engine} int8 linear")
     monkeypatch.setattr(linear_module, "cpu_int8_engine", lambda: engine)
     return engine

@@ -136,8 +136,7 @@ _AVX2_CHILD = textwrap.dedent(
         layouts = sorted({m.qweight_layout for m in result.model.modules() if hasattr(m, "qweight_layout")})
         return (*outputs, layouts)
 
-    engines = [e for e, ok in (("fbgemm", kernels.fbgemm_int8_available()),
-                               ("onednn", kernels.onednn_int8_available())) if ok]
+    engines = [e for e, ok in kernels.available_int8_engines().items() if ok]
     fast = {}
     for engine in engines:  # each int8 engine in turn, then int4 with the default
         linear.cpu_int8_engine = lambda: engine
