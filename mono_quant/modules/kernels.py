@@ -898,6 +898,54 @@ def cpu_int8_linear(
     return _onednn_int8_linear(x2d, weight.packed, weight_scale, weight.zero_points, bias, terms, multiplier)
 
 
+# Without VNNI weight-only int8 costs four int8 GEMMs (two activation terms, each halved): at 64
+# rows and more it is 1.3-3.4x slower than the fp32 GEMM. From there it runs the fp32 GEMM on its
+# own fp32 activations (exact: more accurate than two int8 terms) against the weight dequantized
+# one slice of output channels at a time into one L2-sized buffer (never a whole fp32 copy).
+# Measured on a Zen 3 (AVX2, 2 threads), ms at 1 / 64 / 512 rows, four GEMMs -> dense [fp32]:
+#   384 -> 384    0.31 -> 0.27 [0.05]   0.93 -> 0.53 [0.29]   6.45 -> 1.94 [1.48]
+#   1536 -> 384   0.25 -> 0.67 [0.08]   2.29 -> 1.67 [0.76]   16.4 -> 6.00 [5.55]
+#   4096 -> 4096  1.36 -> 15.6 [6.22]   44.1 -> 46.2 [47.5]   351  -> 165  [179]
+# (dense wins from 64 rows on every shape measured, loses below). Dynamic int8 keeps its two
+# GEMMs: the same dense GEMM on its per-token codes won only from 256 rows, by 0-25%, for a
+# second copy of the weight.
+_DENSE_INT8_WEIGHT_ONLY_MIN_ROWS = 64
+_DENSE_INT8_CHUNK_ELEMENTS = 1 << 20
+
+
+def cpu_int8_dense_min_rows(engine: str) -> int | None:
+    """Rows from which :func:`cpu_int8_dense_linear` beats weight-only int8 on ``engine``'s GEMM
+    on this CPU: only where that GEMM saturates pairs (no VNNI, see above); None: never."""
+    saturates = fbgemm_pairs_saturate() if engine == "fbgemm" else onednn_pairs_saturate()
+    return _DENSE_INT8_WEIGHT_ONLY_MIN_ROWS if saturates else None
+
+
+def cpu_int8_dense_linear(
+    x2d: torch.Tensor,
+    codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only int8 in the fp32 GEMM: ``x2d * multiplier`` (SmoothQuant's input scale, or
+    None) times symmetric int8 weight codes ``[N, K]`` scaled per output channel, plus bias,
+    fp32 ``[M, N]``. The weight is dequantized one slice of output channels at a time into one
+    reused buffer, so no fp32 copy of it is ever whole."""
+    x, _ = _float_input(x2d, multiplier)
+    rows, in_features = x.shape
+    out_features = codes.shape[0]
+    scale = weight_scale.detach().float().reshape(-1, 1)
+    step = max(1, min(out_features, _DENSE_INT8_CHUNK_ELEMENTS // max(in_features, 1)))
+    buffer = torch.empty(step * in_features, dtype=torch.float32, device=x.device)
+    out = torch.empty((rows, out_features), dtype=torch.float32, device=x.device)
+    for first in range(0, out_features, step):
+        last = min(out_features, first + step)
+        weight = buffer[: (last - first) * in_features].view(last - first, in_features)
+        weight.copy_(codes[first:last]).mul_(scale[first:last])  # two passes within L2
+        torch.mm(x, weight.t(), out=out[:, first:last])
+    return out if bias is None else out.add_(bias.detach())
+
+
 def cpu_int8_static_linear(
     rounded: torch.Tensor,
     x_scale: float,

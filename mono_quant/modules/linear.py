@@ -18,6 +18,8 @@ from mono_quant.modules.kernels import (
     cpu_int4_dense_qparams,
     cpu_int4_linear,
     cpu_int4_supported,
+    cpu_int8_dense_linear,
+    cpu_int8_dense_min_rows,
     cpu_int8_engine,
     cpu_int8_linear,
     cpu_int8_static_linear,
@@ -37,6 +39,7 @@ __all__ = ["QuantizedLinear"]
 
 _KERNEL_CACHES = (
     "_int8_cache",
+    "_int8_dense_cache",
     "_int8_pending",
     "_tinygemm_cache",
     "_scales_and_zeros_cache",
@@ -166,7 +169,8 @@ class QuantizedLinear(QuantizedModule):
 
     def kernel_nbytes(self) -> int:
         packed = self.__dict__.get("_int8_cache")
-        return packed.nbytes if packed else 0
+        dense = self.__dict__.get("_int8_dense_cache")
+        return (packed.nbytes if packed else 0) + (dense.numel() if dense is not None else 0)
 
     def _drop_kernel_caches(self) -> None:
         for name in _KERNEL_CACHES:
@@ -248,6 +252,17 @@ class QuantizedLinear(QuantizedModule):
                     self.__dict__.pop("_int8_pending", None)
         return self.__dict__.get("_int8_cache") if self.qweight_layout in INT8_ENGINES else None
 
+    def _int8_dense_codes(self, packed: CpuInt8Weight) -> torch.Tensor:
+        """The plain int8 codes ``[N, K]`` beside the packed weight, for weight-only int8's dense
+        path on CPUs without VNNI (:func:`cpu_int8_dense_min_rows`): derived once, on the first
+        call with that many rows (one byte per weight more; a process that only decodes one
+        token at a time never holds it)."""
+        codes = self.__dict__.get("_int8_dense_cache")
+        if codes is None:
+            codes = packed.to_dense()
+            object.__setattr__(self, "_int8_dense_cache", codes)
+        return codes
+
     def _canonical_qweight(self) -> torch.Tensor:
         if self.qweight_layout == "cpu_int4":
             return from_cpu_int4_layout(self.qweight)
@@ -299,6 +314,10 @@ class QuantizedLinear(QuantizedModule):
         if x2d.is_cpu and self.config.group_size is None:
             packed = self._int8_weight()
             if packed:
+                dense_rows = None if dynamic else cpu_int8_dense_min_rows(packed.engine)
+                if dense_rows is not None and x2d.shape[0] >= dense_rows:
+                    codes = self._int8_dense_codes(packed)
+                    return cpu_int8_dense_linear(x2d, codes, self.weight_scale, self.bias, smoothing)
                 return cpu_int8_linear(x2d, packed, self.weight_scale, self.bias, terms, smoothing)
         use_int_mm = self.config.group_size is None and int_mm_supported(
             x2d.shape[0], self.in_features, self.out_features, x2d.device

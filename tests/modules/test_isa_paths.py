@@ -193,3 +193,60 @@ def test_avx2_code_paths_compute_what_the_generic_paths_compute():
     int4 = report["int4:None"]
     assert int4["layouts"] == ["cpu_int4"]  # the 96-row layer fits 32-row blocks
     assert int4["db"] > 35 and int4["db_one_row"] > 35, int4
+
+
+def test_dense_int8_linear_is_the_dequantized_weight_times_the_input():
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(-127, 128, (1100, 96), dtype=torch.int8, generator=generator)  # > 1 slice of 1M / 96
+    scale, bias = torch.rand(1100, generator=generator) + 0.1, torch.randn(1100, generator=generator)
+    x, multiplier = torch.randn(70, 96, generator=generator), torch.rand(96, generator=generator) + 0.5
+    monkey_chunk = kernels._DENSE_INT8_CHUNK_ELEMENTS
+    try:
+        kernels._DENSE_INT8_CHUNK_ELEMENTS = 96 * 100  # eleven slices, the last one partial
+        out = kernels.cpu_int8_dense_linear(x, codes, scale, bias, multiplier)
+    finally:
+        kernels._DENSE_INT8_CHUNK_ELEMENTS = monkey_chunk
+    exact = (x.double() * multiplier.double()) @ (codes.double() * scale.double()[:, None]).t() + bias.double()
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-6 * float(exact.abs().max()))  # fp32 rounding
+
+
+@pytest.mark.parametrize("saturates", [True, False], ids=["no_vnni", "vnni"])
+def test_weight_only_int8_runs_dense_from_its_rows_only_where_pairs_saturate(monkeypatch, int8_engine, saturates):
+    """Without VNNI weight-only int8 is four int8 GEMMs: from 64 rows it takes the fp32 GEMM on
+    its plain codes (derived once from the packed weight), below them the packed kernel; dynamic
+    int8 always keeps the kernel. Forced here on any CPU through the saturation probes."""
+    if int8_engine is None:
+        pytest.skip("the _int_mm path has no packed weight")
+    from torch import nn
+
+    from mono_quant import quantize
+
+    probe = "fbgemm_pairs_saturate" if int8_engine == "fbgemm" else "onednn_pairs_saturate"
+    if not saturates and getattr(kernels, probe)():
+        pytest.skip("this CPU's int8 kernel saturates: it needs the halves (no VNNI)")
+    monkeypatch.setattr(kernels, probe, lambda: saturates)  # True: halves on any CPU, still exact
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(160, 48)).eval()
+    rows = kernels._DENSE_INT8_WEIGHT_ONLY_MIN_ROWS
+    x = torch.randn(rows, 160)
+    for kwargs in ({"bits": 8, "weight_only": True}, {"bits": 8, "dynamic": True}):
+        layer = quantize(model, **kwargs).model[0]
+        codes, scale = layer.qweight.clone(), layer.weight_scale.clone()
+        dequantized = nn.functional.linear(x, codes.float() * scale[:, None], model[0].bias.detach())
+        peak = float(dequantized.abs().max())
+        with torch.inference_mode():
+            below = layer(x[: rows - 1])
+            assert "_int8_dense_cache" not in layer.__dict__ and layer.qweight_layout == int8_engine
+            size = layer.kernel_nbytes()
+            at = layer(x)
+        dense = "_int8_dense_cache" in layer.__dict__
+        assert dense == (saturates and kwargs.get("weight_only", False)), kwargs
+        if dense:
+            assert torch.equal(layer.__dict__["_int8_dense_cache"], codes)
+            assert layer.kernel_nbytes() == size + codes.numel()  # the model's size tells the truth
+            # fp32 activations against the dequantized weight: exact to fp32 rounding
+            torch.testing.assert_close(at, dequantized, rtol=0, atol=1e-6 * peak)
+        tolerance = 2e-2 if kwargs.get("dynamic") else 1e-3  # per-token int8 / two int8 terms
+        torch.testing.assert_close(below, dequantized[: rows - 1], rtol=0, atol=tolerance * peak)
+        torch.testing.assert_close(at, dequantized, rtol=0, atol=tolerance * peak)
+        assert torch.equal(layer.state_dict()["qweight"], codes)  # what is saved is unchanged
