@@ -259,7 +259,8 @@ class QuantizedLinear(QuantizedModule):
         token at a time never holds it)."""
         codes = self.__dict__.get("_int8_dense_cache")
         if codes is None:
-            codes = packed.to_dense()
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode later
+                codes = packed.to_dense()
             object.__setattr__(self, "_int8_dense_cache", codes)
         return codes
 
