@@ -103,6 +103,12 @@ def quantize(
                 suggestion="Pass the nn.Module itself for static quantization, or use dynamic=True "
                 "(or weight_only=True) on the weights.",
             )
+        if options.rotation:
+            raise InputError(
+                "rotation needs the model's structure (which norms feed which layers) and checks the rotated "
+                "model on random tokens, but a state_dict / weights file has no forward",
+                suggestion="Pass the nn.Module itself for rotation=True, or drop rotation.",
+            )
         if options.max_accuracy_loss is not None:
             raise InputError(
                 "max_accuracy_loss measures the model on data, but a state_dict / weights file has no forward",

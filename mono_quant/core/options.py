@@ -382,6 +382,16 @@ class QuantizeOptions:
         applies=lambda o: o.bits == 8 and not o.weight_only and o.smoothing != 0,
         applies_text="int8 dynamic or static with smoothing (not weight_only, not smoothing=0)",
     )
+    rotation: bool | None = _opt(
+        None,
+        "rotate the residual stream of a pre-norm decoder (Llama, Mistral, Qwen2...) by a random orthogonal "
+        "matrix folded into its weights (QuaRot's offline rotation): outlier channels spread out, per-token "
+        "int8 activations lose less (SmolLM2 int8 dynamic +1.19% -> +0.81% perplexity, mean of five "
+        "rotations). Nothing runs at inference time; a tied output head is untied (more bytes). Default False",
+        value_type=bool,
+        applies=lambda o: o.bits == 8 and not o.weight_only,
+        applies_text="int8 dynamic or static (not weight_only)",
+    )
     layer_overrides: tuple[tuple[str, str], ...] | None = _opt(
         None,
         "per-layer precision, first matching pattern wins: {pattern: precision} or 'pattern=precision' "
@@ -458,6 +468,10 @@ class QuantizeOptions:
                 f"smoothing must be a number in [0, 1), got {self.smoothing!r}",
                 suggestion=f"Pass smoothing={DEFAULT_SMOOTHING_ALPHA} (SmoothQuant's alpha; 0.8 suits Llama-family "
                 "models in the paper), or 0 to turn smoothing off.",
+            )
+        if self.rotation is not None and not isinstance(self.rotation, bool):
+            raise ConfigurationError(
+                f"rotation must be True or False, got {self.rotation!r}", suggestion="Pass rotation=True."
             )
         if self.dtype is not None:
             if isinstance(self.dtype, torch.dtype):

@@ -512,14 +512,47 @@ def quantize_planned(
                 calibration_data, options.effective_calibration_samples, options.effective_calibration_batch_size
             )
         ]
+    original, rotation = model, None
+    if options.rotation:
+        # every later step (plan, statistics, calibration, the target search) runs on the
+        # rotated copy as if the caller had given it: same function, other basis, untied head
+        model, rotation = _rotated_copy(model)
     if options.max_accuracy_loss is not None:
         from mono_quant.core.tuning import quantize_to_target
 
-        return quantize_to_target(model, options, batches, eval_data, progress)
-    statistics = statistics_batches(model, options, batches)
-    plan = plan_module(model, options, statistics=statistics_source(statistics, batches))
-    prepared = prepare_run(model, plan, batches, progress, statistics)
-    return build_run(prepared, plan, progress)
+        quantized, info = quantize_to_target(model, options, batches, eval_data, progress)
+    else:
+        statistics = statistics_batches(model, options, batches)
+        plan = plan_module(model, options, statistics=statistics_source(statistics, batches))
+        prepared = prepare_run(model, plan, batches, progress, statistics)
+        quantized, info = build_run(prepared, plan, progress)
+    if rotation is not None:
+        info.original_size_bytes = model_size_bytes(original)  # the caller's model (its tie included)
+        info.metrics["rotation"] = rotation
+        if rotation["untied_output_head"]:
+            info.warnings.append(
+                "rotation untied the output head from the token embedding (they now differ): "
+                f"{rotation['untied_output_head']:,} more weights stored"
+            )
+    return quantized, info
+
+
+def _rotated_copy(model: nn.Module) -> tuple[nn.Module, dict]:
+    """``rotation=True``: a working copy of ``model`` with its residual stream rotated
+    (``algorithms.rotation``), and what the run's info records of it."""
+    from mono_quant.core.algorithms import ROTATION_SEED, rotate_residual_stream
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
+    with torch.inference_mode(False), torch.no_grad():
+        work = copy.deepcopy(model)
+        rotate_residual_stream(work, ROTATION_SEED)
+    return work, {
+        "kind": "random orthogonal",
+        "seed": ROTATION_SEED,
+        "untied_output_head": head.weight.numel() if tied else 0,
+    }
 
 
 def statistics_source(statistics: list | None, batches: list | None) -> str | None:

@@ -86,8 +86,9 @@ def test_smollm2_sharded_folder_int4_perplexity_and_gguf(make_service, smollm2_z
     [
         ({"bits": "4", "method": "gptq", "group_size": "128"}, 1.5),
         ({"bits": "8", "dynamic": "true"}, 1.1),  # SmoothQuant from the calibration text
+        ({"bits": "8", "dynamic": "true", "rotation": "true"}, 1.1),  # the residual stream rotated first
     ],
-    ids=["int4-gptq", "int8-dynamic-smoothquant"],
+    ids=["int4-gptq", "int8-dynamic-smoothquant", "int8-dynamic-rotated"],
 )
 def test_smollm2_text_calibration(make_service, smollm2_zip, params, limit):
     from mono_quant.testing import calibration_text, eval_text
@@ -109,6 +110,7 @@ def test_smollm2_text_calibration(make_service, smollm2_zip, params, limit):
         assert report["calibration"]["samples"] >= 8 and report["calibration"]["held_out_windows"] == 0
         assert job["metrics"]["method"] == params.get("method", "rtn")
         assert ("smoothing" in report["library_metrics"]) == (params["bits"] == "8")  # SmoothQuant used the text
+        assert ("rotation" in report["library_metrics"]) == ("rotation" in params)
         before, after = report["accuracy"]["perplexity_before"], report["accuracy"]["perplexity_after"]
         assert after < limit * before, report["accuracy"]
 

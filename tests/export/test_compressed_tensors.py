@@ -244,6 +244,8 @@ SMOLLM2_CASES = {
     # the default data-free smoothing, where it folds into norms / up_proj (what --format sets):
     # every layer but o_proj (grouped-query attention) smoothed, the folded scales in the norms
     "w8a8-dynamic-folded": dict(bits=8, dynamic=True, smoothing_folded_only=True),
+    # the residual stream rotated into the weights (norms at 1, the head untied): a plain Llama
+    "w8a8-dynamic-rotated": dict(bits=8, dynamic=True, smoothing_folded_only=True, rotation=True),
     # group 64 divides every SmolLM2 width. With 128, the 576-wide layers (partial last group)
     # are written as groups of 64 next to 1536-wide ones in groups of 128, and transformers'
     # dequantize path (the only one for asymmetric W4A16, see above) then fails to load.
@@ -317,7 +319,9 @@ def test_smollm2_transformers_perplexity_matches_ours(smollm2, smollm2_exports, 
 
     exports, windows = smollm2_exports
     result, path, ours = exports[case]
-    if case == "w8a8-dynamic-folded":  # q/k/v, gate/up and down_proj of 30 layers; o_proj has no fold
+    if case == "w8a8-dynamic-rotated":
+        assert result.info.metrics["rotation"]["untied_output_head"] > 0
+    if case.startswith("w8a8-dynamic-"):  # q/k/v, gate/up and down_proj of 30 layers; o_proj has no fold
         smoothing = result.info.metrics["smoothing"]
         assert smoothing["folded_only"] and smoothing["input_scales"] == 0 and smoothing["layers"] == 30 * 6
     config = json.loads((path / "config.json").read_text())

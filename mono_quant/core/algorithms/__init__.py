@@ -4,10 +4,12 @@
 * :mod:`.gptq`: Hessian-aware rounding from calibration inputs, per weight and per model.
 * :mod:`.smoothing`: SmoothQuant scales folded into norms / value projections, or returned as
   input scales for the activation quantizer.
+* :mod:`.rotation`: an orthogonal change of the residual stream's basis folded into a pre-norm
+  decoder's weights (QuaRot's offline rotation), in place on a working copy.
 
 Each takes and returns plain tensors / :class:`~mono_quant.core.schemes.QuantizedTensor`;
-none modifies a caller's model except :func:`apply_smoothing`, which is documented to work in
-place on the copy it is given.
+none modifies a caller's model except :func:`apply_smoothing` and :func:`rotate_residual_stream`,
+which are documented to work in place on the copy they are given.
 """
 
 from mono_quant.core.algorithms.gptq import (
@@ -21,6 +23,7 @@ from mono_quant.core.algorithms.gptq import (
     gptq_quantize_weight,
 )
 from mono_quant.core.algorithms.hqq import HQQ_DEFAULT_ITERATIONS, hqq_quantize_weight
+from mono_quant.core.algorithms.rotation import ROTATION_SEED, random_orthogonal, rotate_residual_stream
 from mono_quant.core.algorithms.smoothing import (
     AUTO_ALPHA_CANDIDATES,
     DEFAULT_SMOOTHING_ALPHA,
@@ -58,6 +61,9 @@ __all__ = [
     "smoothing_plan",
     "apply_smoothing",
     "DEFAULT_SMOOTHING_ALPHA",
+    "ROTATION_SEED",
+    "random_orthogonal",
+    "rotate_residual_stream",
     "rtn_quantize_weight",
     "dequantize_groups",
     "group_bounds",
