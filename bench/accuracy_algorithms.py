@@ -37,6 +37,7 @@ from mono_quant.core.algorithms import (
     dequantize_groups,
     gptq_quantize_model,
     hqq_quantize_weight,
+    rotate_residual_stream,
     rtn_quantize_weight,
     smoothing_plan,
     synthetic_token_batches,
@@ -188,10 +189,16 @@ def build(
     alpha: float | None = None,
     smoothing_data: str = "calibration",
     auto_alpha: bool = False,
+    rotation_seed: int | None = None,
 ) -> tuple[nn.Module, dict]:
-    """A fake-quantized copy of ``model`` and extra fields (timings)."""
+    """A fake-quantized copy of ``model`` and extra fields (timings). ``rotation_seed``: the
+    residual stream rotated first (``quantize(rotation=True)`` uses seed 0)."""
     work = copy.deepcopy(model)
     extra: dict = {}
+    if rotation_seed is not None:
+        start = time.perf_counter()
+        rotate_residual_stream(work, rotation_seed)
+        extra["rotation_s"] = time.perf_counter() - start
     input_scales: dict[str, torch.Tensor] = {}
     division_handles: list = []
     if alpha is not None:
@@ -335,6 +342,11 @@ def int8_smoothing_variants():
     int8 = dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True, alpha=0.5)
     yield "int8_dynamic_smooth_synthetic_a0.5", dict(int8, smoothing_data="synthetic")
     yield "int8_dynamic_smooth_auto", dict(int8, auto_alpha=True)
+    # the residual stream rotated (rotation=True), with and without smoothing after it; the seed
+    # spread is the point: a model this small draws its int8 rounding noise chaotically
+    for seed in (0, 1, 2):
+        yield f"int8_dynamic_rotated_seed{seed}", dict(int8, alpha=None, rotation_seed=seed)
+    yield "int8_dynamic_rotated_seed0_smooth_auto", dict(int8, auto_alpha=True, rotation_seed=0)
 
 
 def run_smollm2(eval_windows: int) -> None:
