@@ -245,6 +245,13 @@ def submit_job(ctx: ServiceContext, owner: str, form: MultipartForm, idempotency
             suggestion="Upload a zip of the Hugging Face model folder (config.json + model.safetensors), "
             "or use a data-free mode (dynamic=true, bits=4 with method rtn or hqq) on the weights.",
         )
+    if options.rotation and model_format not in _RUNNABLE_FORMATS:
+        raise InputError(
+            "rotation needs the model's structure (which norms feed which layers) and runs it to check the "
+            "result, but a state_dict / weights file has neither",
+            suggestion="Upload a zip of the Hugging Face model folder (config.json + model.safetensors), or drop "
+            "rotation.",
+        )
     _check_text_uploads(
         model_format,
         model_details or {},

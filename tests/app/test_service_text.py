@@ -337,3 +337,40 @@ def test_a_broken_tokenizer_fails_only_jobs_that_read_text(service, tiny_llama, 
     assert job["status"] == "failed"
     assert job["error"]["type"] == "InputError" and "cannot load the tokenizer" in job["error"]["message"]
     assert "save_pretrained" in job["error"]["suggestion"]
+
+
+def test_rotation_runs_on_a_llama_and_is_refused_where_it_cannot_apply(service, tiny_llama, tiny_model_file):
+    """``rotation=true``: a form field like every quantize option; on a tied Llama the report
+    records it and the warning that the head was untied, and the compressed-tensors export
+    carries the untied head. Its option rule is a 422; a model without the structure fails the
+    job with the library's reason and suggestion."""
+    response = service.post(
+        "/v1/quantize",
+        files={**upload(tiny_llama), **_text("calibration.txt", _paragraphs(20))},
+        data={
+            "bits": "8",
+            "dynamic": "true",
+            "rotation": "true",
+            "seq_len": "64",
+            "export_formats": "compressed-tensors",
+        },
+    )
+    assert response.status_code == 202, response.text
+    job = wait_for(service, response.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    report = service.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert report["library_metrics"]["rotation"]["untied_output_head"] > 0
+    assert any("untied the output head" in w for w in report["warnings"])
+    assert abs(report["accuracy"]["perplexity_change_pct"]) < 5, report["accuracy"]
+
+    refused = service.post(
+        "/v1/quantize", files=upload(tiny_llama), data={"bits": "8", "weight_only": "true", "rotation": "true"}
+    )
+    body = assert_problem(refused, 422, "configuration-error")
+    assert "rotation" in body["detail"]
+
+    weights_only = service.post(
+        "/v1/quantize", files=upload(tiny_model_file), data={"bits": "8", "dynamic": "true", "rotation": "true"}
+    )
+    body = assert_problem(weights_only, 400, "input-error")
+    assert "rotation" in body["detail"] and "Hugging Face model folder" in body["suggestion"]
