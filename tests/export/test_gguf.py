@@ -43,6 +43,8 @@ SMOLLM2_CASES = {
     "q8_0": (dict(bits=8, weight_only=True), "Q8_0"),
     "q4_0": (dict(bits=4, scheme="symmetric", group_size=64, clip_search_steps=0), "Q4_0"),
     "q4_1": (dict(bits=4, group_size=64, clip_search_steps=0), "Q4_1"),
+    # the residual stream rotated into the weights: unit norms, the head untied (output.weight)
+    "q8_0-rotated": (dict(bits=8, dynamic=True, smoothing=0, rotation=True), "Q8_0"),
 }
 # Prefixes whose next token llama.cpp must predict, over a 512-token window: llama.cpp's own
 # activation quantization flips near-ties (its shipped Q4_1 SmolLM2 agrees with an fp32 run of
