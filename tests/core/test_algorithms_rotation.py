@@ -157,3 +157,27 @@ def test_rotation_option_rules():
     # a model it does not apply to is refused before any work, with the reason
     with pytest.raises(ConfigurationError, match="rotation cannot be applied"):
         quantize(nn.Sequential(nn.Linear(8, 8)), bits=8, dynamic=True, rotation=True)
+
+
+def test_rotation_with_an_accuracy_target_records_reusable_overrides():
+    """The target search runs on the rotated copy: its overrides name the same layers and,
+    passed back with rotation=True, rebuild the same model."""
+    model = outlier_llama()
+    data = [{"input_ids": tokens(seed)} for seed in range(2, 8)]
+    result = quantize(
+        model, bits=8, dynamic=True, rotation=True, calibration_data=data[:4], eval_data=data[4:], max_accuracy_loss=0.5
+    )
+    assert result, result.errors
+    assert result.info.metrics["rotation"]["seed"] == 0
+    assert result.info.original_size_bytes == quantize(model, bits=8, dynamic=True).info.original_size_bytes
+    again = quantize(
+        model,
+        bits=8,
+        dynamic=True,
+        rotation=True,
+        calibration_data=data[:4],
+        layer_overrides=result.info.layer_overrides,
+    )
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, result.model(ids).logits)
