@@ -186,16 +186,17 @@ def test_int8_dynamic_with_rotation_and_calibration_is_within_one_percent(
     smollm2, smollm2_eval_windows, smollm2_calibration_windows, fp32_perplexity
 ):
     """Issue 12's int8 dynamic goal, met with ``rotation=True`` (the residual stream rotated,
-    then SmoothQuant per group as above), judged as the test above: median of three draws of the
-    rounding noise. Measured on 8 windows (Zen 3): +0.52% as it is (the same without rotation:
-    +1.19%; five other rotations +0.42% to +1.17%, mean +0.81%)."""
+    then SmoothQuant per group as above), judged by the median of five draws of the rounding noise
+    (a CPU kind draws its own: a median of five moves less than one). Measured on 8 windows (Zen 3):
+    +0.52% as it is (the same without rotation: +1.19%; five other rotations +0.42% to +1.17%, mean
+    +0.81%); on these 2 windows five draws +0.10% to +0.66%, median +0.21%."""
     calibration = [{"input_ids": w.unsqueeze(0)} for w in smollm2_calibration_windows]
     result = quantize(smollm2[0], bits=8, dynamic=True, rotation=True, calibration_data=calibration)
     assert result, result.errors
     assert result.info.metrics["rotation"]["untied_output_head"] == 49152 * 576
     assert len(_decoder_linears(result.model)) == DECODER_LINEARS
-    draws = _perplexity_draws(result.model, smollm2_eval_windows[:2])
-    ours = sorted(draws)[1]
+    draws = _perplexity_draws(result.model, smollm2_eval_windows[:2], draws=4)
+    ours = sorted(draws)[2]
     print(f"fp32 {fp32_perplexity:.3f}  int8 dynamic + rotation + smoothing {[round(d, 3) for d in draws]}")
     assert ours <= fp32_perplexity * 1.01, (draws, fp32_perplexity)
 
