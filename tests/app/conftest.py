@@ -155,6 +155,15 @@ def wait_for(http: TestClient, job_id: str, statuses=("succeeded", "failed", "ca
         time.sleep(0.05)
 
 
+def run_to_report(http: TestClient, files: dict, data: dict, timeout: float = 300.0) -> tuple[dict, dict]:
+    """Submit a quantize job, wait for it to succeed, return ``(job, report.json)``."""
+    response = http.post("/v1/quantize", files=files, data=data)
+    assert response.status_code == 202, response.text
+    job = wait_for(http, response.json()["id"], timeout=timeout)
+    assert job["status"] == "succeeded", job["error"]
+    return job, http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+
+
 def assert_problem(response, status: int, type_name: str) -> dict:
     """The response is problem+json with this status and type; returns the body."""
     assert response.status_code == status, response.text

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.conftest import assert_problem, upload, wait_for
+from tests.app.conftest import assert_problem, run_to_report, upload
 from tests.app.test_service_text import _no_jobs, _paragraphs, _text, tiny_llama  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.minilm  # the tiny Llama borrows MiniLM's tokenizer files
@@ -41,21 +41,18 @@ def test_target_on_held_out_text_with_trials_in_the_report(service, tiny_llama):
     """int4 of a random tied Llama to within 0.5% perplexity: the search moves layers (plain
     int4 costs this model more), the report lists each trial and the overrides it chose, and
     the job's metrics summarise it."""
-    response = service.post(
-        "/v1/quantize",
-        files={**upload(tiny_llama), **_text("calibration.txt", _paragraphs(40))},
-        data={
+    job, report = run_to_report(
+        service,
+        {**upload(tiny_llama), **_text("calibration.txt", _paragraphs(40))},
+        {
             "bits": "4",
             "group_size": "64",
             "seq_len": "64",
             "max_accuracy_loss": "0.005",
             "layer_overrides": "lm_head=int8",
         },
+        timeout=600,
     )
-    assert response.status_code == 202, response.text
-    job = wait_for(service, response.json()["id"], timeout=600)
-    assert job["status"] == "succeeded", job["error"]
-    report = service.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
     target = report["library_metrics"]["accuracy_target"]
     assert target["metric"] == "perplexity" and target["trials"]
     assert target["trials"][0]["moved"] == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.conftest import assert_problem, upload, wait_for
+from tests.app.conftest import assert_problem, run_to_report, upload, wait_for
 
 pytestmark = pytest.mark.minilm  # the tokenizer files come from the packaged MiniLM
 
@@ -341,24 +341,17 @@ def test_a_broken_tokenizer_fails_only_jobs_that_read_text(service, tiny_llama, 
 
 def test_rotation_runs_on_a_llama_and_is_refused_where_it_cannot_apply(service, tiny_llama, tiny_model_file):
     """``rotation=true``: a form field like every quantize option; on a tied Llama the report
-    records it and the warning that the head was untied, and the compressed-tensors export
-    carries the untied head. Its option rule is a 422; a model without the structure fails the
-    job with the library's reason and suggestion."""
-    response = service.post(
-        "/v1/quantize",
-        files={**upload(tiny_llama), **_text("calibration.txt", _paragraphs(20))},
-        data={
-            "bits": "8",
-            "dynamic": "true",
-            "rotation": "true",
-            "seq_len": "64",
-            "export_formats": "compressed-tensors",
-        },
+    records it and the warning that the head was untied, and the compressed-tensors export is
+    written. Its option rule is a 422; a plain weights file, which has no structure to rotate, a
+    400 at submission."""
+    data = {"bits": "8", "dynamic": "true", "rotation": "true", "seq_len": "64"}
+    _, report = run_to_report(
+        service,
+        {**upload(tiny_llama), **_text("calibration.txt", _paragraphs(20))},
+        {**data, "export_formats": "compressed-tensors"},
     )
-    assert response.status_code == 202, response.text
-    job = wait_for(service, response.json()["id"], timeout=300)
-    assert job["status"] == "succeeded", job["error"]
-    report = service.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    (export,) = report["exports"]
+    assert export["format"] == "compressed-tensors"
     assert report["library_metrics"]["rotation"]["untied_output_head"] > 0
     assert any("untied the output head" in w for w in report["warnings"])
     assert abs(report["accuracy"]["perplexity_change_pct"]) < 5, report["accuracy"]
