@@ -540,18 +540,16 @@ def quantize_planned(
 def _rotated_copy(model: nn.Module) -> tuple[nn.Module, dict]:
     """``rotation=True``: a working copy of ``model`` with its residual stream rotated
     (``algorithms.rotation``), and what the run's info records of it."""
-    from mono_quant.core.algorithms import ROTATION_SEED, rotate_residual_stream
+    from mono_quant.core.algorithms import ROTATION_SEED, rotate_residual_stream, tied_output_head
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
+    tied = tied_output_head(model)
     with torch.inference_mode(False), torch.no_grad():
         work = copy.deepcopy(model)
         rotate_residual_stream(work, ROTATION_SEED)
     return work, {
         "kind": "random orthogonal",
         "seed": ROTATION_SEED,
-        "untied_output_head": head.weight.numel() if tied else 0,
+        "untied_output_head": 0 if tied is None else tied.weight.numel(),
     }
 
 

@@ -23,7 +23,12 @@ from mono_quant.core.algorithms.gptq import (
     gptq_quantize_weight,
 )
 from mono_quant.core.algorithms.hqq import HQQ_DEFAULT_ITERATIONS, hqq_quantize_weight
-from mono_quant.core.algorithms.rotation import ROTATION_SEED, random_orthogonal, rotate_residual_stream
+from mono_quant.core.algorithms.rotation import (
+    ROTATION_SEED,
+    random_orthogonal,
+    rotate_residual_stream,
+    tied_output_head,
+)
 from mono_quant.core.algorithms.smoothing import (
     AUTO_ALPHA_CANDIDATES,
     DEFAULT_SMOOTHING_ALPHA,
@@ -64,6 +69,7 @@ __all__ = [
     "ROTATION_SEED",
     "random_orthogonal",
     "rotate_residual_stream",
+    "tied_output_head",
     "rtn_quantize_weight",
     "dequantize_groups",
     "group_bounds",

@@ -40,7 +40,7 @@ from torch import nn
 
 from mono_quant.errors import ConfigurationError
 
-__all__ = ["random_orthogonal", "rotate_residual_stream", "ROTATION_SEED"]
+__all__ = ["random_orthogonal", "rotate_residual_stream", "tied_output_head", "ROTATION_SEED"]
 
 # The rotation is a seeded random orthogonal matrix (QR of a Gaussian, signs fixed). Measured on
 # SmolLM2 (fake-quantized int8 dynamic, 8 windows): random orthogonal +0.54..+0.91%, random-sign
@@ -67,6 +67,16 @@ def random_orthogonal(size: int, seed: int = ROTATION_SEED, dtype: torch.dtype =
     generator = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))[None]).to(dtype)
+
+
+def tied_output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's Linear output head when it shares its weight with the token embedding
+    (what the rotation unties), else None."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight:
+        return head
+    return None
 
 
 def _refuse(model: nn.Module, why: str) -> ConfigurationError:
@@ -158,7 +168,7 @@ def rotate_residual_stream(model: nn.Module, seed: int = ROTATION_SEED) -> nn.Mo
     batch = synthetic_token_batches(model, batches=1, rows=2, length=8)[0]
     reference = _logits(model, batch)
 
-    if head.weight is embedding.weight:
+    if tied_output_head(model) is not None:
         head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
         config = getattr(model, "config", None)
         if config is not None:
