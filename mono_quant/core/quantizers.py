@@ -35,7 +35,7 @@ from mono_quant.core.progress import Progress, ProgressCallback
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC
 from mono_quant.core.scratch import reused_scratch
 from mono_quant.errors import ConfigurationError, InputError, MonoQuantError, QuantizationError
-from mono_quant.modules import quantize_weight_tensors, quantized_class_for, stored_weight_tensors
+from mono_quant.modules import packed_together, quantize_weight_tensors, quantized_class_for, stored_weight_tensors
 
 __all__ = [
     "QuantizationInfo",
@@ -298,7 +298,8 @@ def quantize_layers(
     new_layers: dict[str, nn.Module] = {}
     stored: dict[str, dict[str, torch.Tensor]] = {}  # tensors of each quantized layer, for ties
     replacements: dict[int, torch.Tensor] = {}
-    with reused_scratch():  # block buffers fault in once per run, not once per layer
+    # block buffers fault in once per run, not once per layer; int8 layers pack together
+    with reused_scratch(), packed_together():
         for decision in progress.track(decisions, "quantize", total=len(decisions)):
             name = decision.name
             module = model.get_submodule(name)

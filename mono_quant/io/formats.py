@@ -44,7 +44,7 @@ from mono_quant.core.schemes import QuantizedTensor, dequantize_weight, unpack_i
 from mono_quant.core.scratch import reused_scratch
 from mono_quant.errors import InputError
 from mono_quant.io.handlers import load_model, read_safetensors_header, sniff_format, torch_load_weights_only
-from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module
+from mono_quant.modules import LayerQuantConfig, QuantizedModule, build_quantized_module, packed_together
 from mono_quant.version import __version__
 
 __all__ = [
@@ -228,6 +228,11 @@ def load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         >>> skeleton = MyModel()  # doctest: +SKIP
         >>> qmodel = load_quantized("model.safetensors", skeleton)  # doctest: +SKIP
     """
+    with packed_together():  # its int8 layers pack side by side on the first forward
+        return _load_quantized(path, model)
+
+
+def _load_quantized(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(
             f"load_quantized needs the float model to load into, got {type(model).__name__}",

@@ -12,7 +12,7 @@ from mono_quant.modules.base import (
 )
 from mono_quant.modules.conv import QuantizedConv1d, QuantizedConv2d
 from mono_quant.modules.embedding import QuantizedEmbedding
-from mono_quant.modules.linear import QuantizedLinear
+from mono_quant.modules.linear import QuantizedLinear, packed_together
 from mono_quant.modules.rnn import QuantizedGRU, QuantizedLSTM
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "QuantizedLSTM",
     "QuantizedGRU",
     "build_quantized_module",
+    "packed_together",
     "quantized_class_for",
     "register_quantized_module",
     "quantize_weight_tensors",

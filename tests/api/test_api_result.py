@@ -49,6 +49,26 @@ def test_save_returns_the_path_and_round_trips(tmp_path, mlp, mlp_inputs):
         assert torch.equal(restored(mlp_inputs), result.model(mlp_inputs))
 
 
+def test_quantized_and_loaded_int8_layers_pack_together_on_the_first_forward(tmp_path, mlp, mlp_inputs):
+    """quantize() and load_quantized build their int8 layers as one group: the model's first
+    forward packs every layer for this CPU's int8 engine at once (in parallel), not one layer
+    per first call."""
+    from mono_quant.modules import QuantizedLinear, kernels
+
+    if kernels.cpu_int8_engine() is None:
+        pytest.skip("this torch build has no prepacked int8 engine")
+    result = quantize(mlp, bits=8, dynamic=True)
+    restored = load_quantized(result.save(tmp_path / "q.safetensors"), make_mlp(seed=123))
+    for model in (result.model, restored):
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        assert len(layers) == 3 and {layer.qweight_layout for layer in layers} == {"packed"}
+        with torch.inference_mode():
+            layers[-1](torch.randn(2, 128))  # the last layer's first call packs the first ones too
+        assert {layer.qweight_layout for layer in layers} == {kernels.cpu_int8_engine()}
+    with torch.inference_mode():
+        assert torch.equal(restored(mlp_inputs), result.model(mlp_inputs))
+
+
 def test_validate_is_stored_in_info(mlp, mlp_inputs):
     result = quantize(mlp, bits=8, dynamic=True)
     validation = result.validate(mlp_inputs)

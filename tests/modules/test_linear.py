@@ -6,6 +6,10 @@ is compared with allclose; comparisons against the *float* layer use SQNR in dB.
 
 from __future__ import annotations
 
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,7 @@ from torch import nn
 
 from mono_quant.api.exceptions import ConfigurationError
 from mono_quant.core.schemes import sqnr
-from mono_quant.modules import LayerQuantConfig, QuantizedLinear, build_quantized_module
+from mono_quant.modules import LayerQuantConfig, QuantizedLinear, build_quantized_module, packed_together
 
 IN, OUT = 64, 48
 
@@ -284,3 +288,64 @@ def test_int8_packing_waits_for_the_first_forward(int8_engine, activation):
     fresh = QuantizedLinear.from_float(float_layer, config, input_qparams=qparams if activation == "static" else None)
     fresh.load_state_dict(after)
     torch.testing.assert_close(fresh(x), first)
+
+
+def _dynamic_int8_layers(count: int) -> list[QuantizedLinear]:
+    torch.manual_seed(0)
+    config = LayerQuantConfig(bits=8, symmetric=True, activation="dynamic")
+    return [QuantizedLinear.from_float(nn.Linear(IN, IN), config) for _ in range(count)]
+
+
+def test_layers_built_together_pack_together_on_the_first_forward(int8_engine):
+    """The first forward of any layer of a ``packed_together()`` group packs every member
+    still waiting (side by side on threads), with the outputs of layers packed alone; a layer
+    built outside the group, and a copy of a member, wait for their own first forward."""
+    if int8_engine is None:
+        pytest.skip("nothing to pack without an int8 engine")
+    alone = _dynamic_int8_layers(4)
+    with packed_together():
+        group = _dynamic_int8_layers(4)
+    outside = _dynamic_int8_layers(1)[0]
+    copied = copy.deepcopy(group[3])
+    assert all(layer.qweight_layout == "packed" for layer in [*group, outside, copied])
+    x = torch.randn(3, IN)
+    out = group[2](x)  # any member, not only the first built
+    assert [layer.qweight_layout for layer in group] == [int8_engine] * 4
+    assert outside.qweight_layout == copied.qweight_layout == "packed"
+    torch.testing.assert_close(out, alone[2](x), rtol=0, atol=0)
+    for member, reference in zip(group, alone, strict=True):
+        torch.testing.assert_close(member(x), reference(x), rtol=0, atol=0)
+    copied(x)
+    assert copied.qweight_layout == int8_engine
+
+
+def test_a_group_packs_each_layer_once_under_concurrent_first_forwards(int8_engine, monkeypatch):
+    """Threads whose first forwards hit different members at once: every layer is packed
+    exactly once and every output is the one a layer packed alone gives."""
+    if int8_engine is None:
+        pytest.skip("nothing to pack without an int8 engine")
+    packs: list[int] = []
+    pack = QuantizedLinear._pack_int8
+
+    def counting(self):
+        packs.append(id(self))
+        pack(self)
+
+    monkeypatch.setattr(QuantizedLinear, "_pack_int8", counting)
+    reference = _dynamic_int8_layers(6)
+    with packed_together():
+        group = _dynamic_int8_layers(6)
+    x = torch.randn(2, IN)
+    expected = [layer(x) for layer in reference]
+    packs.clear()
+    start = threading.Barrier(len(group))
+
+    def first_forward(layer: QuantizedLinear) -> torch.Tensor:
+        start.wait()
+        return layer(x)
+
+    with ThreadPoolExecutor(len(group)) as pool:
+        outputs = list(pool.map(first_forward, group))
+    assert sorted(packs) == sorted(id(layer) for layer in group)
+    for out, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
