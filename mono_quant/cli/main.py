@@ -212,7 +212,9 @@ def info(path, as_json):
         else:
             group = f" g{cfg['group_size']}" if cfg.get("group_size") else ""
             sym = "sym" if cfg.get("symmetric") else "asym"
-            click.echo(f"  {name}: int{cfg.get('bits')} {sym}{group}, activation={cfg.get('activation')}")
+            dynamic = cfg.get("activation") == "dynamic"
+            grid = " (asymmetric per token)" if dynamic and cfg.get("activation_symmetric") is False else ""
+            click.echo(f"  {name}: int{cfg.get('bits')} {sym}{group}, activation={cfg.get('activation')}{grid}")
 
 
 @cli.command()

@@ -123,6 +123,16 @@ def _static(o: QuantizeOptions) -> bool:
     return o.is_static
 
 
+def default_activation_symmetric(activation: str) -> bool:
+    """The activation grid a mode gets unless told: symmetric per token for dynamic int8,
+    asymmetric for static int8's calibrated qparams (and False, unused, for weight-only)."""
+    return activation == "dynamic"
+
+
+def _int8_activations(o: QuantizeOptions) -> bool:
+    return o.activation in ("static", "dynamic")
+
+
 def _int4(o: QuantizeOptions) -> bool:
     return o.bits == 4
 
@@ -318,10 +328,12 @@ class QuantizeOptions:
     )
     activation_scheme: str | None = _opt(
         None,
-        "static int8 activation grid: 'asymmetric' (default) or 'symmetric'",
+        "int8 activation grid: static qparams 'asymmetric' (default) or 'symmetric'; dynamic per-token "
+        "'symmetric' (default) or 'asymmetric' (each token's own zero point: more accurate on one-sided "
+        "rows, one more pass over the output; our runtime only, the export formats refuse it)",
         choices=VALID_SCHEMES,
-        applies=_static,
-        applies_text="static int8",
+        applies=_int8_activations,
+        applies_text="int8 with activations (static or dynamic)",
     )
     layer_types: tuple[str, ...] | None = _opt(
         None,
@@ -632,6 +644,9 @@ class QuantizeOptions:
 
     @property
     def activation_symmetric(self) -> bool:
+        """The activation grid: ``activation_scheme``, or the mode's default."""
+        if self.activation_scheme is None:
+            return default_activation_symmetric(self.activation)
         return self.activation_scheme == "symmetric"
 
     @property

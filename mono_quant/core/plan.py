@@ -37,7 +37,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from mono_quant.core.options import LAYER_KINDS, Precision, QuantizeOptions, compile_pattern, parse_precision
+from mono_quant.core.options import (
+    LAYER_KINDS,
+    Precision,
+    QuantizeOptions,
+    compile_pattern,
+    default_activation_symmetric,
+    parse_precision,
+)
 from mono_quant.core.schemes import Granularity, PerChannel, PerGroup, QuantSpec
 from mono_quant.errors import ConfigurationError
 
@@ -82,7 +89,9 @@ class LayerQuantConfig:
       group size that does not divide the input features leaves a partial last group.
     * ``activation``: "none" (weight-only), "dynamic" (per-token int8 at run time) or
       "static" (per-tensor int8 qparams from calibration).
-    * ``activation_symmetric``: grid of the static activation qparams.
+    * ``activation_symmetric``: grid of the activations: the static qparams (default
+      asymmetric), or each token's at run time (dynamic; default symmetric: ``amax / 127``;
+      asymmetric: the token's ``[min, max]`` on 256 levels with its own zero point).
     * ``per_channel``: False gives one scale for the whole weight (int8 only).
     * ``clip_search_steps``: MSE clipping search at quantization time (0 = plain min/max).
     * ``method``: how the weight was rounded ("rtn", "hqq", "gptq"); informational once stored.
@@ -95,7 +104,7 @@ class LayerQuantConfig:
     symmetric: bool = True
     group_size: int | None = None
     activation: str = "none"
-    activation_symmetric: bool = False
+    activation_symmetric: bool | None = None  # None: the mode's default (see above)
     per_channel: bool = True
     clip_search_steps: int = 0
     method: str = "rtn"
@@ -109,6 +118,8 @@ class LayerQuantConfig:
                 f"unknown activation mode {self.activation!r}",
                 suggestion=f"Use one of: {', '.join(ACTIVATION_MODES)}.",
             )
+        if self.activation_symmetric is None:
+            object.__setattr__(self, "activation_symmetric", default_activation_symmetric(self.activation))
         if self.group_size is not None:
             PerGroup(self.group_size)  # validates the size
         if self.bits == 4 and self.group_size is None:

@@ -747,6 +747,7 @@ def _smooth(model, plan, batches, alpha, info, per_group=False):
         samples,
         static_symmetric=static_symmetric,
         folded_only=bool(options.smoothing_folded_only),
+        dynamic_asymmetric=options.activation == "dynamic" and not options.activation_symmetric,
     )
     unseen = [name for name in names if name not in absmax]
     if unseen:

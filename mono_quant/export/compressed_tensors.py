@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError
-from mono_quant.export import ExportFormat, check_facts
+from mono_quant.export import ExportFormat, check_facts, refuse_asymmetric_dynamic
 
 __all__ = ["FORMAT", "check", "export", "pack_to_int32", "expand_group_qparams", "exact_target"]
 
@@ -116,6 +116,7 @@ def check(info: Any = None, /, **facts: Any) -> None:
         mono_quant.errors.ConfigurationError: compressed-tensors export cannot represent mode 'cast' ...
     """
     f = check_facts(info, facts)
+    refuse_asymmetric_dynamic(info if info is not None else f, "compressed-tensors", "vLLM and transformers")
     mode, bits, symmetric = f.get("mode"), f.get("bits"), f.get("symmetric", True)
     if mode is not None and str(mode).startswith("state_dict"):
         raise ConfigurationError(

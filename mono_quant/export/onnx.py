@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError, InputError, QuantizationError
-from mono_quant.export import ExportFormat
+from mono_quant.export import ExportFormat, refuse_asymmetric_dynamic
 
 __all__ = [
     "FORMAT",
@@ -167,6 +167,7 @@ def check(info: Any) -> None:
             suggestion="Use bits=4 (weight-only) or bits=8 with dynamic / static activations.",
         )
     _check_group(group_size, bits, mode, "the run")
+    refuse_asymmetric_dynamic(info, "ONNX", "its MatMulInteger graphs")
     for name, config in layer_configs.items():
         kind = config.get("kind", "")
         if kind in ("cast",):

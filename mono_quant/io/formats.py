@@ -4,8 +4,10 @@ A saved file holds every tensor of the quantized model's state_dict (``*.qweight
 packed int4, ``*.weight_scale``, ``*.weight_zero_point``, float tensors as they were) and
 string metadata (safetensors metadata is ``Dict[str, str]``, so structures are JSON strings):
 
-* ``format`` = "mono_quant", ``format_version`` = "1", ``mono_quant_version``
+* ``format`` = "mono_quant", ``format_version`` = "2", ``mono_quant_version``
 * ``layers``: JSON ``{layer name: {kind, bits, symmetric, group_size, activation, ...}}``
+  (version 2: a dynamic layer's ``activation_symmetric`` is its per-token grid; version 1
+  files wrote False there and always ran symmetric per token, which is how they are read)
 * ``quantization_info``: JSON of :class:`QuantizationInfo` when known
 
 ``load_quantized(path, model)`` rebuilds the quantized layers inside a float skeleton of the
@@ -64,7 +66,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "mono_quant"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 _TORCH_TO_ST = {
     torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
@@ -216,6 +218,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                     suggestion="The file was modified or corrupted; quantize the model again.",
                 ) from None
     meta.setdefault("layers", {})
+    if meta.get("format") == FORMAT_NAME and meta.get("format_version") == "1":
+        for config in meta["layers"].values():
+            if isinstance(config, dict) and config.get("activation") == "dynamic":
+                config["activation_symmetric"] = True  # what version 1 ran, whatever it wrote
     return meta
 
 

@@ -143,7 +143,8 @@ class QuantizedModule(nn.Module):
         c = self.config
         group = f", group_size={c.group_size}" if c.group_size else ""
         sym = "sym" if c.symmetric else "asym"
-        return f"shape={self.weight_shape}, int{c.bits} {sym}{group}, activation={c.activation}"
+        grid = " (asymmetric per token)" if c.activation == "dynamic" and not c.activation_symmetric else ""
+        return f"shape={self.weight_shape}, int{c.bits} {sym}{group}, activation={c.activation}{grid}"
 
 
 def quantize_weight_tensors(weight: torch.Tensor, config: LayerQuantConfig) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from mono_quant.modules.kernels import (
     int_mm_supported,
     kernel_group_size,
     quantize_per_token,
+    quantize_per_token_asymmetric,
     tinygemm_linear,
     tinygemm_pack,
     to_cpu_int4_layout,
@@ -49,6 +50,7 @@ _KERNEL_CACHES = (
     "_tinygemm_cache",
     "_scales_and_zeros_cache",
     "_dense_qparams_cache",
+    "_row_sums_cache",
 )
 # Serialises the deferred int8 packing (see _adopt_kernel_layout) when threads share a layer.
 _PACK_LOCK = threading.Lock()
@@ -299,6 +301,8 @@ class QuantizedLinear(QuantizedModule):
                 group.members.append(weakref.ref(self))
 
     def _pack_int8(self) -> None:
+        if self.config.activation == "dynamic" and not self.config.activation_symmetric:
+            self._weight_row_sums()  # from the plain codes, before they go into the packed form
         engine = cpu_int8_engine()
         try:
             packed = CpuInt8Weight(self.qweight, self.weight_scale, engine)
@@ -381,6 +385,7 @@ class QuantizedLinear(QuantizedModule):
         """int8 weights, weight-only or dynamic; ``smoothing``: the input multiplier (1 / s), or None."""
         dynamic = self.config.activation == "dynamic"
         terms = 1 if dynamic else 2
+        asymmetric = dynamic and not self.config.activation_symmetric
         if x2d.is_cpu and self.config.group_size is None:
             packed = self._int8_weight()
             if packed:
@@ -388,7 +393,8 @@ class QuantizedLinear(QuantizedModule):
                 if dense_rows is not None and x2d.shape[0] >= dense_rows:
                     codes = self._int8_dense_codes(packed)
                     return cpu_int8_dense_linear(x2d, codes, self.weight_scale, self.bias, smoothing)
-                return cpu_int8_linear(x2d, packed, self.weight_scale, self.bias, terms, smoothing)
+                row_sums = self._weight_row_sums() if asymmetric else None
+                return cpu_int8_linear(x2d, packed, self.weight_scale, self.bias, terms, smoothing, row_sums)
         use_int_mm = self.config.group_size is None and int_mm_supported(
             x2d.shape[0], self.in_features, self.out_features, x2d.device
         )
@@ -402,8 +408,20 @@ class QuantizedLinear(QuantizedModule):
                 self.bias,
                 terms=terms,
                 multiplier=smoothing,
+                row_sums=self._weight_row_sums() if asymmetric else None,
             )
         return self._forward_dequantized(x2d if smoothing is None else x2d * smoothing)
+
+    def _weight_row_sums(self) -> torch.Tensor:
+        """The dequantized weight's sums over its inputs, fp32 ``[N]``: what asymmetric dynamic
+        activations' zero points contribute per output (derived once, cached per tensor)."""
+        key = (self.weight_scale.device, self.weight_scale.data_ptr())
+        cached = self.__dict__.get("_row_sums_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode later
+                cached = (key, self.dequantized_weight().float().sum(dim=1))
+            object.__setattr__(self, "_row_sums_cache", cached)
+        return cached[1]
 
     def _forward_int4(self, x2d: torch.Tensor) -> torch.Tensor:
         if x2d.is_cuda and x2d.dtype == torch.bfloat16:
@@ -449,8 +467,12 @@ class QuantizedLinear(QuantizedModule):
         weight = self.dequantized_weight().to(compute_dtype)
         if self.config.activation == "dynamic":
             # Same numerics as the _int_mm path: quantize the activations per token.
-            q, scale = quantize_per_token(x2d, 1)
-            x2d = (q.float() * scale).to(compute_dtype)
+            if self.config.activation_symmetric:
+                q, scale = quantize_per_token(x2d, 1)
+                x2d = (q.float() * scale).to(compute_dtype)
+            else:
+                q, scale, zero = quantize_per_token_asymmetric(x2d)
+                x2d = ((q.float() - zero) * scale).to(compute_dtype)
         bias = None if self.bias is None else self.bias.to(compute_dtype)
         return F.linear(x2d.to(compute_dtype), weight, bias)
 

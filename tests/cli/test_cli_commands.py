@@ -82,7 +82,7 @@ def test_quantize_include_exclude(runner, model_file, tmp_path, flags, layers):
 def test_a_streamed_output_named_pt_is_still_readable(runner, model_file, tmp_path):
     out = tmp_path / "q.pt"  # the streaming path writes safetensors whatever the name
     _ok(runner.invoke(cli, ["quantize", str(model_file), "--no-progress", "-o", str(out)]))
-    assert "format: mono_quant v1" in _ok(runner.invoke(cli, ["info", str(out)])).stdout
+    assert "format: mono_quant v2" in _ok(runner.invoke(cli, ["info", str(out)])).stdout
     assert set(read_metadata(out)["layers"]) == {"0", "2", "4"}
     restored = load_quantized(out, make_mlp(seed=2))
     with torch.inference_mode():
@@ -160,7 +160,7 @@ def test_info_text(runner, int4_file):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{int4_file}: safetensors, 12 tensors, ")
     assert lines[1] == "dtypes: F32, U8"
-    assert lines[2].startswith("format: mono_quant v1 (mono_quant ")
+    assert lines[2].startswith("format: mono_quant v2 (mono_quant ")
     assert "  0: int4 asym g32, activation=none" in lines
     assert "  4: int4 asym g32, activation=none" in lines
 

@@ -135,7 +135,7 @@ def test_metadata(tmp_path):
 
     meta = read_metadata(path)
     assert meta["format"] == "mono_quant"
-    assert meta["format_version"] == FORMAT_VERSION == "1"
+    assert meta["format_version"] == FORMAT_VERSION == "2"
     assert meta["mono_quant_version"] == mono_quant.__version__
     assert set(meta["layers"]) == {"fc1", "fc2", "head"}
     fc1 = meta["layers"]["fc1"]
@@ -273,3 +273,24 @@ def test_tied_weights_can_be_saved(tmp_path):
     path = save_model(model, tmp_path / "tied.safetensors")
     state = load_model(path)
     assert torch.equal(state["0.weight"], state["1.weight"])
+
+
+def test_version_1_files_load_their_dynamic_layers_as_symmetric_per_token(tmp_path):
+    """Format version 1 wrote ``activation_symmetric: false`` for dynamic layers, which always ran
+    symmetric per token: read that way, a version-1 file computes what it computed when saved."""
+    result = _quantize("mlp", "int8-dynamic")
+    path = result.save(tmp_path / "v2.safetensors")
+    with safetensors.safe_open(str(path), "pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - a handle, not a dict
+    layers = json.loads(meta["layers"])
+    assert {layer["activation_symmetric"] for layer in layers.values()} == {True}
+    for layer in layers.values():
+        layer["activation_symmetric"] = False  # what version 1 wrote
+    old = tmp_path / "v1.safetensors"
+    version_1 = {**meta, "format_version": "1", "layers": json.dumps(layers)}
+    safetensors.torch.save_file(tensors, str(old), metadata=version_1)
+    assert {c["activation_symmetric"] for c in read_metadata(old)["layers"].values()} == {True}
+    x = inputs("mlp", n=8, seed=3)
+    loaded = load_quantized(old, build("mlp"))
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(result.model, x), rtol=0, atol=0)

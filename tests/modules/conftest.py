@@ -21,6 +21,16 @@ def fake_quantize_per_token(x2d: torch.Tensor) -> torch.Tensor:
     return torch.round(x2d / scale) * scale
 
 
+def fake_quantize_per_token_asymmetric(x2d: torch.Tensor) -> torch.Tensor:
+    """Asymmetric per-row int8 round trip: each row's [min(x, 0), max(x, 0)] on 256 levels
+    with its own integer zero point (``activation_symmetric=False`` in dynamic mode)."""
+    low = x2d.amin(dim=1, keepdim=True).clamp(max=0)
+    high = x2d.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = (high - low).clamp(min=1e-12) / 255
+    zero_point = torch.round(-low / scale)
+    return (torch.clamp(torch.round(x2d / scale) + zero_point, 0, 255) - zero_point) * scale
+
+
 def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool):
     """Per-tensor int8 round trip with fixed qparams: what static activation quantization computes."""
     qmin = -127 if symmetric else -128
@@ -40,6 +50,7 @@ def rebuild(layer: QuantizedModule, float_module: nn.Module) -> QuantizedModule:
 def ref() -> SimpleNamespace:
     return SimpleNamespace(
         per_token=fake_quantize_per_token,
+        per_token_asymmetric=fake_quantize_per_token_asymmetric,
         static=fake_quantize_static,
         rebuild=rebuild,
     )

@@ -181,6 +181,49 @@ def test_int8_engines_and_the_int_mm_fallback_compute_the_same(monkeypatch, int8
     torch.testing.assert_close(generic_out, out, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("one_sided", [False, True], ids=["two-sided", "one-sided"])
+def test_asymmetric_dynamic_int8_matches_its_reference_on_every_engine(ref, int8_engine, rows, one_sided):
+    """``activation_symmetric=False``: each token on its own [min, max] grid with a zero point,
+    on oneDNN, fbgemm and ``_int_mm`` alike, and a single row as the same row in a batch; on
+    one-sided rows it is closer to the float layer than the symmetric grid."""
+    torch.manual_seed(rows)
+    float_layer = nn.Linear(96, 80)
+    config = LayerQuantConfig(bits=8, symmetric=True, activation="dynamic", activation_symmetric=False)
+    layer = QuantizedLinear.from_float(float_layer, config)
+    x = torch.randn(rows, 96) * torch.logspace(-1, 1, rows).unsqueeze(1)
+    if one_sided:  # a ReLU's / GELU's output: the symmetric grid leaves half its levels unused
+        x = F.gelu(x * 3)
+    out = layer(x)
+    assert layer.qweight_layout == (int8_engine or "packed")
+    reference = F.linear(ref.per_token_asymmetric(x), layer.dequantized_weight(), float_layer.bias)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x[-1:]), out[-1:], rtol=1e-4, atol=1e-4)
+    symmetric = QuantizedLinear.from_float(float_layer, dataclasses.replace(config, activation_symmetric=True))
+    exact = F.linear(x, layer.dequantized_weight(), float_layer.bias)  # the activations' error alone
+    if one_sided:  # twice the levels on the side in use: ~6 dB (one row alone measured 3.7)
+        assert sqnr(exact, out) > sqnr(exact, symmetric(x)) + 3.0
+
+
+def test_quantize_per_token_asymmetric_codes_and_zero_points():
+    """Codes in [-128, 127] with ``x ~ scale * (q - zero)``, ``zero`` the row's zero point
+    minus 128 (an integer); the uint8 form is the same codes plus 128; the multiplier folds in."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 40) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    x[0] = x[0].abs() + 1  # all positive: zero point 0
+    x[1] = -x[1].abs() - 1  # all negative: zero point 255
+    q, scale, zero = kernels.quantize_per_token_asymmetric(x)
+    assert q.dtype == torch.int8 and int(q.min()) >= -128 and int(q.max()) <= 127
+    assert torch.equal(zero, zero.round()) and zero[0].item() == -128 and zero[1].item() == 127
+    assert (x - scale * (q.float() - zero)).abs().max() <= 0.5 * scale.max() * 1.0001
+    u8, _, _ = kernels.quantize_per_token_asymmetric(x, 128, torch.uint8)
+    assert torch.equal(u8.int() - 128, q.int())
+    multiplier = torch.rand(40) + 0.25
+    folded = kernels.quantize_per_token_asymmetric(x, multiplier=multiplier)
+    for got, want in zip(folded, kernels.quantize_per_token_asymmetric(x * multiplier), strict=True):
+        assert torch.equal(got, want)
+
+
 # -- int8: SmoothQuant's input multiplier folded into the per-token quantization ----------------
 @pytest.mark.parametrize("terms", [1, 2])
 @pytest.mark.parametrize("codes", ["int8", "uint8"])

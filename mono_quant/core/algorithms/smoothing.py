@@ -321,6 +321,7 @@ def smoothing_plan(
     alpha_candidates: Iterable[float] = AUTO_ALPHA_CANDIDATES,
     static_symmetric: bool | None = None,
     folded_only: bool = False,
+    dynamic_asymmetric: bool = False,
 ) -> list[SmoothingGroup]:
     """Where each Linear in ``activation_absmax`` gets its smoothing scale and its ``1 / s``.
 
@@ -330,7 +331,8 @@ def smoothing_plan(
 
     With ``activation_samples`` (:func:`collect_activation_samples`), each group takes the alpha
     among ``alpha_candidates`` and ``alpha`` whose int8 output error on its samples is lowest:
-    per-token int8's (dynamic, ``static_symmetric=None``), or static int8's
+    per-token int8's (dynamic, ``static_symmetric=None``; each token's own zero point with
+    ``dynamic_asymmetric``), or static int8's
     (:func:`_int8_static_error`: one activation scale per tensor, the min/max observer's, on a
     symmetric grid if ``static_symmetric`` else asymmetric) measured on samples its range was
     not taken from, where no smoothing at all is a candidate too: a group it wins for is left
@@ -376,7 +378,8 @@ def smoothing_plan(
             outputs = [x @ w.t() for x, w in zip(samples, floats, strict=True)]
             if static_symmetric is None:
                 errors = [
-                    _int8_dynamic_error(samples, floats, smoothing_scales(act, weights, a), outputs) for a in candidates
+                    _int8_dynamic_error(samples, floats, smoothing_scales(act, weights, a), outputs, dynamic_asymmetric)
+                    for a in candidates
                 ]
             else:
                 candidates.insert(0, None)
@@ -404,17 +407,26 @@ def _int8_dynamic_error(
     weights: list[torch.Tensor],
     scales: torch.Tensor,
     outputs: list[torch.Tensor],
+    asymmetric: bool = False,
 ) -> float:
-    """Relative squared output error of int8 dynamic (per-token symmetric activations,
-    per-channel symmetric weights) of Linears ``weights [N_i, K]`` (fp32, on the samples'
-    device) on their inputs ``samples [T, K]`` after smoothing with ``scales [K]``, summed over
-    the Linears; ``outputs``: the float ``x @ w^T`` of each (the same for every candidate)."""
+    """Relative squared output error of int8 dynamic (per-token activations, symmetric or
+    ``asymmetric``, per-channel symmetric weights) of Linears ``weights [N_i, K]`` (fp32, on the
+    samples' device) on their inputs ``samples [T, K]`` after smoothing with ``scales [K]``,
+    summed over the Linears; ``outputs``: the float ``x @ w^T`` of each (the same for every
+    candidate)."""
     total = 0.0
     for x, w, reference in zip(samples, weights, outputs, strict=True):
         s = scales.to(x.device)
         xs = x / s
-        x_step = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        total += _relative_error((torch.round(xs / x_step) * x_step) @ _int8_weights(w, s).t(), reference)
+        if asymmetric:
+            low, high = xs.amin(dim=1, keepdim=True).clamp(max=0), xs.amax(dim=1, keepdim=True).clamp(min=0)
+            x_step = (high - low).clamp(min=1e-12) / 255.0
+            zero = torch.round(low / x_step)
+            rounded = (torch.round(xs / x_step) - zero).clamp(0, 255).add(zero) * x_step
+        else:
+            x_step = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+            rounded = torch.round(xs / x_step) * x_step
+        total += _relative_error(rounded @ _int8_weights(w, s).t(), reference)
     return total
 
 
