@@ -330,7 +330,7 @@ class QuantizeOptions:
         None,
         "int8 activation grid: static qparams 'asymmetric' (default) or 'symmetric'; dynamic per-token "
         "'symmetric' (default) or 'asymmetric' (each token's own zero point: more accurate on one-sided "
-        "rows, one more pass over the output; our runtime only, the export formats refuse it)",
+        "rows, one more pass over the output; every export format takes it)",
         choices=VALID_SCHEMES,
         applies=_int8_activations,
         applies_text="int8 with activations (static or dynamic)",

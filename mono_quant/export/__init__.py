@@ -27,7 +27,6 @@ __all__ = [
     "get_format",
     "ARTIFACT_NAMES",
     "check_facts",
-    "refuse_asymmetric_dynamic",
     "override_precisions",
     "options_for_formats",
 ]
@@ -102,32 +101,6 @@ def check_facts(info: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
     facts["layer_overrides"] = dict(facts.get("layer_overrides") or {})
     facts["skipped_layers"] = list(facts.get("skipped_layers") or ())
     return facts
-
-
-def refuse_asymmetric_dynamic(info: Any, format_name: str, consumers: str) -> None:
-    """ConfigurationError where ``info`` (a QuantizeOptions at submission, a run's
-    QuantizationInfo, or a mapping with ``layer_configs``) has dynamic int8 layers with
-    asymmetric per-token activations (``activation_scheme='asymmetric'``): ``format_name``
-    declares per-token activations as symmetric, so its consumers would compute differently."""
-    if hasattr(info, "activation") and hasattr(info, "weight_only"):  # a QuantizeOptions
-        where = "the run" if info.activation == "dynamic" and not info.activation_symmetric else None
-    else:
-        configs = info.get("layer_configs") if isinstance(info, Mapping) else getattr(info, "layer_configs", None)
-        names = [
-            name
-            for name, config in (configs or {}).items()
-            if isinstance(config, Mapping)
-            and config.get("activation") == "dynamic"
-            and config.get("activation_symmetric") is False
-        ]
-        where = f"{len(names)} layer(s) ({', '.join(names[:3])})" if names else None
-    if where is not None:
-        raise ConfigurationError(
-            f"{format_name} export writes dynamic int8 layers with symmetric per-token activations, as {consumers} "
-            f"run them, but {where} quantize activations asymmetrically (activation_scheme='asymmetric')",
-            suggestion="Quantize with activation_scheme='symmetric' (the dynamic default) for this export, or keep "
-            "mono_quant's own format, whose runtime computes the asymmetric grid.",
-        )
 
 
 def override_precisions(facts: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -12,7 +12,9 @@ What each quantized layer becomes (the layouts of compressed-tensors' own compre
 
 * W8A8 (int8 weights per channel, activations int8 per token at run time, or per tensor from
   calibration): ``int-quantized``; ``weight`` int8 ``[out, in]``, ``weight_scale`` ``[out, 1]``;
-  static adds ``input_scale`` ``[1]`` and, when asymmetric, ``input_zero_point`` int8 ``[1]``.
+  static adds ``input_scale`` ``[1]`` and, when asymmetric, ``input_zero_point`` int8 ``[1]``;
+  dynamic declares ``symmetric`` as the layer's per-token grid (asymmetric: each token's zero
+  point, computed by the consumer as we do: ``calculate_qparams``; vLLM's "azp" int8 kernels).
 * W4A16 (int4 groups) and W8A16 (int8 weight-only): ``pack-quantized``; ``weight_packed`` int32
   (each value + 2^(bits-1), 32 / bits values per word, the first in the lowest bits),
   ``weight_scale`` ``[out, in / group]`` (``[out, 1]`` per channel), ``weight_shape`` and, when
@@ -71,7 +73,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError
-from mono_quant.export import ExportFormat, check_facts, refuse_asymmetric_dynamic
+from mono_quant.export import ExportFormat, check_facts
 
 __all__ = ["FORMAT", "check", "export", "pack_to_int32", "expand_group_qparams", "exact_target"]
 
@@ -116,7 +118,6 @@ def check(info: Any = None, /, **facts: Any) -> None:
         mono_quant.errors.ConfigurationError: compressed-tensors export cannot represent mode 'cast' ...
     """
     f = check_facts(info, facts)
-    refuse_asymmetric_dynamic(info if info is not None else f, "compressed-tensors", "vLLM and transformers")
     mode, bits, symmetric = f.get("mode"), f.get("bits"), f.get("symmetric", True)
     if mode is not None and str(mode).startswith("state_dict"):
         raise ConfigurationError(
@@ -166,7 +167,7 @@ def _config_signature(layer: Mapping[str, Any]) -> dict[str, Any] | None:
         signature["group_size"] = layer.get("group_size")
     elif layer.get("per_channel") is False:
         signature["per_channel"] = False
-    if activation == "static":
+    if activation in ("static", "dynamic"):
         signature["activation_symmetric"] = bool(layer.get("activation_symmetric"))
     return signature
 
@@ -337,7 +338,15 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
         fmt = "int-quantized"
         tensors["weight"] = signed.to(torch.int8).contiguous()
         if activation == "dynamic":
-            input_activations = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+            # per token, symmetric or with each token's zero point (vLLM's W8A8 int8 takes both: "azp")
+            act_symmetric = bool(config.activation_symmetric)
+            input_activations = {
+                "num_bits": 8,
+                "type": "int",
+                "symmetric": act_symmetric,
+                "dynamic": True,
+                "strategy": "token",
+            }
         else:
             act_symmetric = bool(config.activation_symmetric)
             input_activations = {

@@ -82,7 +82,7 @@ import torch
 from torch import nn
 
 from mono_quant.errors import ConfigurationError, InputError, QuantizationError
-from mono_quant.export import ExportFormat, refuse_asymmetric_dynamic
+from mono_quant.export import ExportFormat
 
 __all__ = [
     "FORMAT",
@@ -167,7 +167,6 @@ def check(info: Any) -> None:
             suggestion="Use bits=4 (weight-only) or bits=8 with dynamic / static activations.",
         )
     _check_group(group_size, bits, mode, "the run")
-    refuse_asymmetric_dynamic(info, "ONNX", "its MatMulInteger graphs")
     for name, config in layer_configs.items():
         kind = config.get("kind", "")
         if kind in ("cast",):
@@ -696,7 +695,76 @@ class _GraphRewriter:
     def _dynamic_matmul(self, activation: str, output: str, layer: _Layer):
         if self.dynamic_activations == "per_tensor":
             return self._dynamic_matmul_per_tensor(activation, output, layer)
+        if not layer.module.config.activation_symmetric:
+            return self._dynamic_matmul_per_token_asymmetric(activation, output, layer)
         return self._dynamic_matmul_per_token(activation, output, layer)
+
+    def _reduce(self, op: str, source: str, result: str, stem: str):
+        """``op`` (ReduceMax / ReduceMin) over the last axis, keeping it, at this opset."""
+        import onnx.helper as oh
+
+        inputs, attrs = [source], {"keepdims": 1}
+        if self.opset >= 18:  # the axes are an input from opset 18 on
+            inputs.append(self._add(np.array([-1], dtype=np.int64), stem + ".axes"))
+        else:
+            attrs["axes"] = [-1]
+        return oh.make_node(op, inputs, [result], name=self._name(f"{stem}_{op}"), **attrs)
+
+    def _dynamic_matmul_per_token_asymmetric(self, activation: str, output: str, layer: _Layer):
+        """Asymmetric per-token int8 (``modules.kernels.quantize_per_token_asymmetric``) in plain
+        ops: each row's ``[min(x, 0), max(x, 0)]`` on 256 levels, ``s = (max - min) / 255``,
+        uint8 codes ``u = clip(round(x / s) + z, 0, 255)`` with the row's zero point
+        ``z = round(-min / s)``. ORT's MatMulInteger takes one activation zero point per tensor,
+        so the product runs with none and the zero points' share comes off after it, as in our
+        kernels: ``y = s * (u @ W - z * sum_k W) * w_scale`` (``sum_k W``: the weight codes'
+        column sums, an initializer)."""
+        import onnx.helper as oh
+        from onnx import TensorProto
+
+        weight_t, scale, zp = self._uint8_columns(layer)
+        # the product's weight is the uint8 codes less their zero point: the int8 codes less theirs
+        sums = weight_t.astype(np.int64).sum(axis=0) - weight_t.shape[0] * zp.astype(np.int64)
+        stem = layer.name
+        keys = ("min", "max", "low", "high", "span", "span_safe", "a_scale", "neg_low", "zp_ratio", "a_zp")
+        keys += ("ratio", "rounded", "shifted", "clipped", "a_q", "int32", "float", "share", "centered", "scaled")
+        n = {key: self._name(f"{stem}.{key}") for key in keys}
+        f32 = np.float32
+
+        def const(value, suffix):
+            return self._add(np.array(value, dtype=f32), f"{stem}.{suffix}")
+
+        def node(op, inputs, out, suffix, **attrs):
+            return oh.make_node(op, inputs, [out], name=self._name(f"{stem}_{suffix}"), **attrs)
+
+        zero = const(0.0, "zero")
+        mm_inputs = [n["a_q"], self._add(weight_t, stem + ".qweight")]
+        mm_inputs += [
+            self._add(np.array(0, dtype=np.uint8), stem + ".a_zero_point"),
+            self._add(zp, stem + ".zero_point"),
+        ]
+        return [
+            self._reduce("ReduceMin", activation, n["min"], stem),
+            self._reduce("ReduceMax", activation, n["max"], stem),
+            node("Min", [n["min"], zero], n["low"], "low"),
+            node("Max", [n["max"], zero], n["high"], "high"),
+            node("Sub", [n["high"], n["low"]], n["span"], "span"),
+            node("Max", [n["span"], const(1e-12, "eps")], n["span_safe"], "eps"),
+            node("Div", [n["span_safe"], const(255.0, "levels")], n["a_scale"], "a_scale"),
+            node("Neg", [n["low"]], n["neg_low"], "neg_low"),
+            node("Div", [n["neg_low"], n["a_scale"]], n["zp_ratio"], "zp_ratio"),
+            node("Round", [n["zp_ratio"]], n["a_zp"], "a_zp"),
+            node("Div", [activation, n["a_scale"]], n["ratio"], "div"),
+            node("Round", [n["ratio"]], n["rounded"], "round"),
+            node("Add", [n["rounded"], n["a_zp"]], n["shifted"], "shift"),
+            node("Clip", [n["shifted"], zero, const(255.0, "hi")], n["clipped"], "clip"),
+            node("Cast", [n["clipped"]], n["a_q"], "q", to=TensorProto.UINT8),
+            node("MatMulInteger", mm_inputs, n["int32"], "MatMulInteger"),
+            node("Cast", [n["int32"]], n["float"], "f", to=TensorProto.FLOAT),
+            node("Mul", [n["a_zp"], self._add(sums.astype(f32), stem + ".code_sums")], n["share"], "share"),
+            node("Sub", [n["float"], n["share"]], n["centered"], "centered"),
+            node("Mul", [n["centered"], n["a_scale"]], n["scaled"], "sa"),
+            node("Mul", [n["scaled"], self._add(scale, stem + ".scale")], output, "sw"),
+        ]
 
     def _dynamic_matmul_per_token(self, activation: str, output: str, layer: _Layer):
         """Our numerics in plain ops: per-row symmetric int8 ``x_q = round(x / s)``,

@@ -57,21 +57,12 @@ def test_defaults_a_format_cannot_store_give_way_and_explicit_options_stay():
         options_for_formats(int4, ["tflite"], False)
 
 
-@pytest.mark.parametrize("name", ["compressed-tensors", "onnx"])
-def test_formats_that_declare_symmetric_per_token_activations_refuse_asymmetric_ones(name):
-    """compressed-tensors and ONNX write dynamic int8 as symmetric per-token activations:
-    ``activation_scheme='asymmetric'`` is refused at submission (options) and after a run
-    (layer configs); GGUF's consumer quantizes activations itself, so it takes the run."""
-    asymmetric = QuantizeOptions(bits=8, dynamic=True, activation_scheme="asymmetric")
+@pytest.mark.parametrize("name", ["compressed-tensors", "onnx", "gguf"])
+def test_every_format_takes_asymmetric_per_token_activations(name):
+    """compressed-tensors declares them (``symmetric: false``, vLLM's "azp" kernels), ONNX
+    writes them in plain ops around MatMulInteger, llama.cpp quantizes activations itself:
+    ``activation_scheme='asymmetric'`` is refused by none, at submission or after a run."""
     layer = {"kind": "QuantizedLinear", "bits": 8, "symmetric": True, "activation": "dynamic"}
     check = get_format(name).check
-    check(QuantizeOptions(bits=8, dynamic=True))
-    check({"mode": "dynamic", "bits": 8, "layer_configs": {"fc": {**layer, "activation_symmetric": True}}})
-    for refused in (
-        asymmetric,
-        {"mode": "dynamic", "bits": 8, "layer_configs": {"fc": {**layer, "activation_symmetric": False}}},
-    ):
-        with pytest.raises(ConfigurationError, match="asymmetrically") as info:
-            check(refused)
-        assert "activation_scheme='symmetric'" in info.value.suggestion
-    get_format("gguf").check(asymmetric)
+    check(QuantizeOptions(bits=8, dynamic=True, activation_scheme="asymmetric"))
+    check({"mode": "dynamic", "bits": 8, "layer_configs": {"fc": {**layer, "activation_symmetric": False}}})
