@@ -2,8 +2,9 @@
 
 Weights are replaced by their dequantized values (weights only); "int8 dynamic" cases also
 fake-quantize every Linear's input per token (symmetric int8, the numerics of
-``modules.kernels.quantize_per_token``) with a forward pre-hook, after dividing it by the
-smoothing input scale where one could not be folded.
+``modules.kernels.quantize_per_token``, i.e. ``activation_scheme="symmetric"``; the library's
+default gives each token a zero point, see bench/RESULTS.md session 14) with a forward pre-hook,
+after dividing it by the smoothing input scale where one could not be folded.
 
 * MiniLM (all-MiniLM-L6-v2): mean cosine (and min) of the sentence embeddings of
   ``mono_quant.testing.SENTENCES`` vs fp32; calibration (GPTQ, smoothing) on the 64 different

@@ -89,9 +89,9 @@ class LayerQuantConfig:
       group size that does not divide the input features leaves a partial last group.
     * ``activation``: "none" (weight-only), "dynamic" (per-token int8 at run time) or
       "static" (per-tensor int8 qparams from calibration).
-    * ``activation_symmetric``: grid of the activations: the static qparams (default
-      asymmetric), or each token's at run time (dynamic; default symmetric: ``amax / 127``;
-      asymmetric: the token's ``[min, max]`` on 256 levels with its own zero point).
+    * ``activation_symmetric``: grid of the activations, the static qparams or each token's
+      at run time (dynamic); default asymmetric (a token's ``[min, max]`` on 256 levels with
+      its own zero point), symmetric: ``max|x| / 127``.
     * ``per_channel``: False gives one scale for the whole weight (int8 only).
     * ``clip_search_steps``: MSE clipping search at quantization time (0 = plain min/max).
     * ``method``: how the weight was rounded ("rtn", "hqq", "gptq"); informational once stored.

@@ -429,20 +429,20 @@ def test_show_progress_on_a_state_dict(capsys):
 
 
 def test_activation_scheme_sets_dynamic_int8s_per_token_grid(mlp, tmp_path):
-    """Dynamic int8 is symmetric per token unless ``activation_scheme='asymmetric'`` (each
-    token's own zero point); the choice is in every layer's config and survives a save and
-    load; a mode without int8 activations refuses the option."""
+    """Dynamic int8 gives each token its own zero point unless ``activation_scheme='symmetric'``;
+    the choice is in every layer's config and survives a save and load; a mode without int8
+    activations refuses the option."""
     from mono_quant import load_quantized
 
     from .conftest import make_mlp
 
-    default = quantize(mlp, bits=8, dynamic=True)
-    asymmetric = quantize(mlp, bits=8, dynamic=True, activation_scheme="asymmetric")
-    assert {c["activation_symmetric"] for c in default.info.layer_configs.values()} == {True}
+    asymmetric = quantize(mlp, bits=8, dynamic=True)
+    symmetric = quantize(mlp, bits=8, dynamic=True, activation_scheme="symmetric")
     assert {c["activation_symmetric"] for c in asymmetric.info.layer_configs.values()} == {False}
+    assert {c["activation_symmetric"] for c in symmetric.info.layer_configs.values()} == {True}
     x = torch.randn(4, 128).relu()
     with torch.inference_mode():
-        assert not torch.equal(default.model(x), asymmetric.model(x))
+        assert not torch.equal(symmetric.model(x), asymmetric.model(x))
         restored = load_quantized(asymmetric.save(tmp_path / "a.safetensors"), make_mlp(seed=5))
         assert torch.equal(restored(x), asymmetric.model(x))
     with pytest.raises(ConfigurationError, match="activation_scheme") as info:

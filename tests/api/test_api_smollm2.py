@@ -167,10 +167,9 @@ def test_int8_dynamic_with_calibration_text_stays_near_fp32(
     calibration data) from text the evaluation never sees, judged by the median of three draws of
     the rounding noise (:func:`_perplexity_draws`), the same on every CPU kind.
 
-    Issue 12's goal is 1%. Measured (Zen 4, one quantized file): 2 windows +0.66% as it is,
-    perturbed draws +0.85% to +1.26% (median ~+1.1%); 8 windows +1.19% as it is, draws +1.21% to
-    +1.58%. So the goal is **missed by ~0.2-0.4%** (bench/RESULTS.md); this floor keeps the
-    measured level from getting worse."""
+    Issue 12's goal is 1%, met since each token gets its own zero point (the default). Measured
+    (Zen 4): these 2 windows, draws +0.99%, +0.60%, +0.66% (median +0.66%; symmetric tokens: median
+    ~+1.1%); 8 windows +0.62% as quantized (symmetric +1.19%, bench/RESULTS.md)."""
     calibration = [{"input_ids": w.unsqueeze(0)} for w in smollm2_calibration_windows]
     result = quantize(smollm2[0], bits=8, dynamic=True, calibration_data=calibration)
     assert result.info.metrics["smoothing"]["per_group"] is True
@@ -178,7 +177,7 @@ def test_int8_dynamic_with_calibration_text_stays_near_fp32(
     draws = _perplexity_draws(result.model, smollm2_eval_windows[:2])
     ours = sorted(draws)[1]
     print(f"fp32 {fp32_perplexity:.3f}  int8 dynamic + smoothing {[round(d, 3) for d in draws]}")
-    assert ours <= fp32_perplexity * 1.015, (draws, fp32_perplexity)
+    assert ours <= fp32_perplexity * 1.01, (draws, fp32_perplexity)
 
 
 @pytest.mark.timeout(1800)

@@ -29,8 +29,8 @@ pytest.importorskip("transformers")
 # options_for_formats does for the CLI's --format and the service's export_formats.
 MINILM_CASES = {
     "w8a8-dynamic": dict(bits=8, dynamic=True, smoothing=0),
-    # each token's own zero point (symmetric: false in the config)
-    "w8a8-dynamic-asym-folded": dict(bits=8, dynamic=True, smoothing_folded_only=True, activation_scheme="asymmetric"),
+    # symmetric tokens (the default gives each token its own zero point: symmetric: false)
+    "w8a8-dynamic-sym-folded": dict(bits=8, dynamic=True, smoothing_folded_only=True, activation_scheme="symmetric"),
     "w8a8-static": dict(bits=8, dynamic=False, smoothing=0),  # calibration_data added by the fixture
     "w8a16": dict(bits=8, weight_only=True),
     "w4a16-sym": dict(bits=4, scheme="symmetric", group_size=128),
@@ -38,7 +38,7 @@ MINILM_CASES = {
 }
 EXPECTED_FORMAT = {
     "w8a8-dynamic": "int-quantized",
-    "w8a8-dynamic-asym-folded": "int-quantized",
+    "w8a8-dynamic-sym-folded": "int-quantized",
     "w8a8-static": "int-quantized",
     "w8a16": "pack-quantized",
     "w4a16-sym": "pack-quantized",
@@ -201,9 +201,9 @@ def test_minilm_transformers_loads_our_weights_and_outputs(minilm_exports, case)
     )
     if weight_only:
         assert stats["min"] >= 0.999, stats
-    elif case == "w8a8-dynamic-asym-folded":
+    elif case == "w8a8-dynamic":
         # the consumer's asymmetric token grid is ours up to x / s against x * (1 / s) at ties
-        # (measured: cosine to ours 0.99946, to float 0.99889 both); the symmetric one is not
+        # (measured: cosine to ours 0.99946, to float 0.99889 both); its symmetric one is not
         assert stats["mean"] >= 0.999 and abs(to_float[0] - to_float[1]) <= 0.0005, (stats, to_float)
         groups = config["config_groups"].values()
         assert {group["input_activations"]["symmetric"] for group in groups} == {False}

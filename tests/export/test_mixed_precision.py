@@ -290,8 +290,17 @@ def test_compressed_tensors_asymmetric_mixed_group_sizes(tiny_llama, token_ids, 
 GGUF_CASES = {
     "int4-asymmetric": (dict(bits=4, layer_overrides=INT4_OVERRIDES), {"Q4_1", "Q8_0", "F32"}),
     "int4-symmetric": (dict(bits=4, scheme="symmetric", layer_overrides=INT4_OVERRIDES), {"Q4_0", "Q8_0", "F32"}),
+    # The file holds weights only: llama.cpp quantizes activations itself (q8 blocks of 32,
+    # symmetric), so ours are compared on the symmetric token grid, the nearer one (cosine min
+    # 0.9987; with the asymmetric default 0.9978, which is nearer to float: 0.9756 against
+    # llama.cpp's 0.9735 and symmetric's 0.9675, on this tiny random model)
     "int8-dynamic": (
-        dict(bits=8, dynamic=True, layer_overrides={**INT8_OVERRIDES, "model.layers.1.self_attn.o_proj": "fp16"}),
+        dict(
+            bits=8,
+            dynamic=True,
+            activation_scheme="symmetric",
+            layer_overrides={**INT8_OVERRIDES, "model.layers.1.self_attn.o_proj": "fp16"},
+        ),
         {"Q8_0", "Q4_1", "F16"},
     ),
 }

@@ -77,14 +77,14 @@ def _pooled(hidden: torch.Tensor, batch) -> torch.Tensor:
 
 MINILM_MODES = {
     "int8-dynamic": dict(bits=8, dynamic=True),
-    "int8-dynamic-asymmetric": dict(bits=8, dynamic=True, activation_scheme="asymmetric"),
+    "int8-dynamic-symmetric": dict(bits=8, dynamic=True, activation_scheme="symmetric"),
     "int8-weight-only": dict(bits=8, weight_only=True),
     "int4-g32": dict(bits=4, group_size=32),
     "int8-static": dict(bits=8),  # calibration_data added below
 }
 EXPECTED_KERNEL = {
     "int8-dynamic": "MatMulInteger",  # per-token activations: no fused ORT kernel, see onnx.py
-    "int8-dynamic-asymmetric": "MatMulInteger",
+    "int8-dynamic-symmetric": "MatMulInteger",
     "int8-weight-only": "MatMulNBits",
     "int4-g32": "MatMulNBits",
     "int8-static": "MatMulIntegerToFloat",  # ORT's QDQ fusion of DQ(x), DQ(W) -> MatMul
@@ -258,15 +258,10 @@ SMALL_CASES = {
     "cnn-int8-dynamic": ("cnn", dict(bits=8, dynamic=True), "MatMulInteger"),
     "cnn-int8-static": ("cnn", dict(bits=8), "MatMulIntegerToFloat"),
     "mlp-int8-dynamic-asymmetric": ("mlp", dict(bits=8, dynamic=True, scheme="asymmetric"), "MatMulInteger"),
-    # asymmetric per-token activations: the zero points' share comes off after MatMulInteger
-    "mlp-int8-dynamic-asymmetric-tokens": (
+    # symmetric tokens (the default, asymmetric ones: the zero points' share comes off after MatMulInteger)
+    "mlp-int8-dynamic-symmetric-tokens": (
         "mlp",
-        dict(bits=8, dynamic=True, activation_scheme="asymmetric"),
-        "MatMulInteger",
-    ),
-    "cnn-int8-dynamic-asymmetric-tokens": (
-        "cnn",
-        dict(bits=8, dynamic=True, activation_scheme="asymmetric"),
+        dict(bits=8, dynamic=True, activation_scheme="symmetric"),
         "MatMulInteger",
     ),
     "mlp-int8-weight-only": ("mlp", dict(bits=8, weight_only=True), "MatMulNBits"),

@@ -278,7 +278,7 @@ def test_tied_weights_can_be_saved(tmp_path):
 def test_version_1_files_load_their_dynamic_layers_as_symmetric_per_token(tmp_path):
     """Format version 1 wrote ``activation_symmetric: false`` for dynamic layers, which always ran
     symmetric per token: read that way, a version-1 file computes what it computed when saved."""
-    result = _quantize("mlp", "int8-dynamic")
+    result = quantize(build("mlp"), bits=8, dynamic=True, activation_scheme="symmetric")
     path = result.save(tmp_path / "v2.safetensors")
     with safetensors.safe_open(str(path), "pt") as handle:
         meta = dict(handle.metadata())

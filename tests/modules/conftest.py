@@ -23,12 +23,15 @@ def fake_quantize_per_token(x2d: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize_per_token_asymmetric(x2d: torch.Tensor) -> torch.Tensor:
     """Asymmetric per-row int8 round trip: each row's [min(x, 0), max(x, 0)] on 256 levels
-    with its own integer zero point (``activation_symmetric=False`` in dynamic mode)."""
+    with its own integer zero point (``activation_symmetric=False`` in dynamic mode). Values are
+    divided by multiplying with the fp32 reciprocal of the scale, as the kernels do (a true
+    division rounds a value lying within an ulp of a tie the other way)."""
     low = x2d.amin(dim=1, keepdim=True).clamp(max=0)
     high = x2d.amax(dim=1, keepdim=True).clamp(min=0)
     scale = (high - low).clamp(min=1e-12) / 255
-    zero_point = torch.round(-low / scale)
-    return (torch.clamp(torch.round(x2d / scale) + zero_point, 0, 255) - zero_point) * scale
+    inverse = 1 / scale
+    zero_point = torch.round(-low * inverse)
+    return (torch.clamp(torch.round(x2d * inverse) + zero_point, 0, 255) - zero_point) * scale
 
 
 def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, symmetric: bool):

@@ -152,7 +152,8 @@ def test_int4_dense_keeps_no_state_and_survives_a_round_trip(force_features):
 def test_dynamic_single_row_matches_the_row_in_a_batch(ref, symmetric):
     torch.manual_seed(0)
     float_layer = nn.Linear(96, 80)
-    layer = QuantizedLinear.from_float(float_layer, LayerQuantConfig(bits=8, symmetric=symmetric, activation="dynamic"))
+    config = LayerQuantConfig(bits=8, symmetric=symmetric, activation="dynamic", activation_symmetric=True)
+    layer = QuantizedLinear.from_float(float_layer, config)
     x = torch.randn(6, 96) * torch.logspace(-2, 2, 6).unsqueeze(1)
     batched = layer(x)
     for row in range(6):

@@ -107,14 +107,22 @@ def test_weight_only_matches_dequantized_reference(linear, x, name):
     assert sqnr(linear(x), out) > MIN_SQNR_VS_FLOAT[WEIGHT_CONFIGS[name].bits]
 
 
+@pytest.mark.parametrize("tokens", ["asymmetric", "symmetric"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
-def test_dynamic_matches_per_token_reference(ref, linear, x, symmetric, per_channel):
-    config = LayerQuantConfig(bits=8, symmetric=symmetric, per_channel=per_channel, activation="dynamic")
+def test_dynamic_matches_per_token_reference(ref, linear, x, symmetric, per_channel, tokens):
+    config = LayerQuantConfig(
+        bits=8,
+        symmetric=symmetric,
+        per_channel=per_channel,
+        activation="dynamic",
+        activation_symmetric=tokens == "symmetric",
+    )
     layer = QuantizedLinear.from_float(linear, config)
     out = layer(x)
     x2d = x.reshape(-1, IN)
-    reference = F.linear(ref.per_token(x2d), layer.dequantized_weight(), linear.bias).reshape(out.shape)
+    fake = ref.per_token if tokens == "symmetric" else ref.per_token_asymmetric
+    reference = F.linear(fake(x2d), layer.dequantized_weight(), linear.bias).reshape(out.shape)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
     # the activations' rounding does show: dynamic is not weight-only
     weight_only = F.linear(x, layer.dequantized_weight(), linear.bias)
