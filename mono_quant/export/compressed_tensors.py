@@ -337,25 +337,18 @@ def _scheme_of(name: str, layer) -> tuple[dict, dict[str, torch.Tensor]]:
     else:
         fmt = "int-quantized"
         tensors["weight"] = signed.to(torch.int8).contiguous()
-        if activation == "dynamic":
-            # per token, symmetric or with each token's zero point (vLLM's W8A8 int8 takes both: "azp")
-            act_symmetric = bool(config.activation_symmetric)
-            input_activations = {
-                "num_bits": 8,
-                "type": "int",
-                "symmetric": act_symmetric,
-                "dynamic": True,
-                "strategy": "token",
-            }
-        else:
-            act_symmetric = bool(config.activation_symmetric)
-            input_activations = {
-                "num_bits": 8,
-                "type": "int",
-                "symmetric": act_symmetric,
-                "dynamic": False,
-                "strategy": "tensor",
-            }
+        # dynamic: per token, symmetric or with each token's zero point (vLLM's W8A8 int8 runs
+        # both, the second on its "azp" kernels); static: per tensor, with the calibrated qparams
+        dynamic = activation == "dynamic"
+        act_symmetric = bool(config.activation_symmetric)
+        input_activations = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": act_symmetric,
+            "dynamic": dynamic,
+            "strategy": "token" if dynamic else "tensor",
+        }
+        if not dynamic:
             tensors["input_scale"] = layer.input_scale.detach().float().reshape(1).clone()
             if not act_symmetric:
                 tensors["input_zero_point"] = layer.input_zero_point.detach().to(torch.int8).reshape(1).clone()
