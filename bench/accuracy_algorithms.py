@@ -2,9 +2,10 @@
 
 Weights are replaced by their dequantized values (weights only); "int8 dynamic" cases also
 fake-quantize every Linear's input per token (symmetric int8, the numerics of
-``modules.kernels.quantize_per_token``, i.e. ``activation_scheme="symmetric"``; the library's
-default gives each token a zero point, see bench/RESULTS.md session 14) with a forward pre-hook,
-after dividing it by the smoothing input scale where one could not be folded.
+``modules.kernels.quantize_per_token``, i.e. ``activation_scheme="symmetric"``; the
+``*_asym_tokens*`` cases give each token a zero point, the library's default since session 14)
+with a forward pre-hook, after dividing it by the smoothing input scale where one could not be
+folded.
 
 * MiniLM (all-MiniLM-L6-v2): mean cosine (and min) of the sentence embeddings of
   ``mono_quant.testing.SENTENCES`` vs fp32; calibration (GPTQ, smoothing) on the 64 different
@@ -130,8 +131,21 @@ def per_token_fake_quant(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp(-127, 127) * scale
 
 
-def install_activation_quant(model: nn.Module, names: list[str], input_scales: dict[str, torch.Tensor]) -> list:
+def per_token_fake_quant_asymmetric(x: torch.Tensor) -> torch.Tensor:
+    """Each token on its own ``[min(x, 0), max(x, 0)]`` with a zero point (256 levels), as
+    ``modules.kernels.quantize_per_token_asymmetric`` (the library's dynamic default)."""
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = (high - low).clamp(min=1e-12) / 255.0
+    zero_point = torch.round(-low / scale)
+    return (torch.round(x / scale) + zero_point).clamp(0, 255).sub(zero_point) * scale
+
+
+def install_activation_quant(
+    model: nn.Module, names: list[str], input_scales: dict[str, torch.Tensor], asymmetric: bool = False
+) -> list:
     modules = dict(model.named_modules())
+    fake_quant = per_token_fake_quant_asymmetric if asymmetric else per_token_fake_quant
     handles = []
     for name in names:
         scales = input_scales.get(name)
@@ -140,7 +154,7 @@ def install_activation_quant(model: nn.Module, names: list[str], input_scales: d
             x = args[0]
             if _scales is not None:
                 x = x / _scales.to(x.dtype)
-            return (per_token_fake_quant(x), *args[1:])
+            return (fake_quant(x), *args[1:])
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     return handles
@@ -191,9 +205,11 @@ def build(
     smoothing_data: str = "calibration",
     auto_alpha: bool = False,
     rotation_seed: int | None = None,
+    asymmetric_tokens: bool = False,
 ) -> tuple[nn.Module, dict]:
     """A fake-quantized copy of ``model`` and extra fields (timings). ``rotation_seed``: the
-    residual stream rotated first (``quantize(rotation=True)`` uses seed 0)."""
+    residual stream rotated first (``quantize(rotation=True)`` uses seed 0);
+    ``asymmetric_tokens``: dynamic cases give each token a zero point (the library's default)."""
     work = copy.deepcopy(model)
     extra: dict = {}
     if rotation_seed is not None:
@@ -207,7 +223,7 @@ def build(
         data = synthetic_token_batches(work) if smoothing_data == "synthetic" else calibration
         absmax = collect_activation_absmax(work, data, names)
         samples = collect_activation_samples(work, data, names) if auto_alpha else None
-        plan = smoothing_plan(work, absmax, alpha, samples)
+        plan = smoothing_plan(work, absmax, alpha, samples, dynamic_asymmetric=asymmetric_tokens)
         input_scales = apply_smoothing(work, plan)
         extra["smoothing_s"] = time.perf_counter() - start
         extra["unfoldable_linears"] = len(input_scales)
@@ -252,7 +268,7 @@ def build(
     for handle in division_handles:
         handle.remove()
     if dynamic:
-        install_activation_quant(work, names, input_scales)
+        install_activation_quant(work, names, input_scales, asymmetric_tokens)
     elif input_scales:
         install_input_division(work, input_scales)
     return work, extra
@@ -343,6 +359,9 @@ def int8_smoothing_variants():
     int8 = dict(method="rtn_minmax", spec=INT8_SYMMETRIC, group_size=None, dynamic=True, alpha=0.5)
     yield "int8_dynamic_smooth_synthetic_a0.5", dict(int8, smoothing_data="synthetic")
     yield "int8_dynamic_smooth_auto", dict(int8, auto_alpha=True)
+    # each token's own zero point (the library's default since session 14), unsmoothed and per group
+    yield "int8_dynamic_asym_tokens", dict(int8, alpha=None, asymmetric_tokens=True)
+    yield "int8_dynamic_asym_tokens_smooth_auto", dict(int8, auto_alpha=True, asymmetric_tokens=True)
     # the residual stream rotated (rotation=True), with and without smoothing after it; the seed
     # spread is the point: a model this small draws its int8 rounding noise chaotically
     for seed in (0, 1, 2):
