@@ -783,19 +783,13 @@ class _GraphRewriter:
             for key in ("abs", "amax", "amax_safe", "a_scale", "ratio", "rounded", "shifted", "clipped", "a_q")
         }
         names.update({key: self._name(f"{stem}.{key}") for key in ("int32", "float", "scaled")})
-        reduce_inputs = [names["abs"]]
-        reduce_attrs: dict[str, Any] = {"keepdims": 1}
-        if self.opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
-            reduce_inputs.append(self._add(np.array([-1], dtype=np.int64), stem + ".axes"))
-        else:
-            reduce_attrs["axes"] = [-1]
         f32 = np.float32
         mm_inputs = [names["a_q"], self._add(weight_t, stem + ".qweight")]
         mm_inputs.append(self._add(np.array(128, dtype=np.uint8), stem + ".a_zero_point"))
         mm_inputs.append(self._add(zp, stem + ".zero_point"))
         return [
             oh.make_node("Abs", [activation], [names["abs"]], name=self._name(stem + "_abs")),
-            oh.make_node("ReduceMax", reduce_inputs, [names["amax"]], name=self._name(stem + "_amax"), **reduce_attrs),
+            self._reduce("ReduceMax", names["abs"], names["amax"], stem),
             oh.make_node(
                 "Max",
                 [names["amax"], self._add(np.array(1e-12, dtype=f32), stem + ".eps")],

@@ -41,6 +41,7 @@ from mono_quant.core.calibration import ObservedForward
 from mono_quant.core.options import DEFAULT_SMOOTHING_ALPHA
 from mono_quant.core.schemes import INT8_ASYMMETRIC, INT8_SYMMETRIC, choose_qparams, quantize
 from mono_quant.errors import ConfigurationError, InputError
+from mono_quant.modules.kernels import quantize_per_token_asymmetric
 
 __all__ = [
     "SmoothingGroup",
@@ -418,11 +419,9 @@ def _int8_dynamic_error(
     for x, w, reference in zip(samples, weights, outputs, strict=True):
         s = scales.to(x.device)
         xs = x / s
-        if asymmetric:
-            low, high = xs.amin(dim=1, keepdim=True).clamp(max=0), xs.amax(dim=1, keepdim=True).clamp(min=0)
-            x_step = (high - low).clamp(min=1e-12) / 255.0
-            zero = torch.round(low / x_step)
-            rounded = (torch.round(xs / x_step) - zero).clamp(0, 255).add(zero) * x_step
+        if asymmetric:  # the kernels' own quantizer: the search sees what will run
+            codes, x_step, zero = quantize_per_token_asymmetric(xs)
+            rounded = (codes.float() - zero) * x_step
         else:
             x_step = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
             rounded = torch.round(xs / x_step) * x_step
