@@ -129,6 +129,7 @@ def quantize_per_token_asymmetric(
     offset: int = 0,
     dtype: torch.dtype = torch.int8,
     multiplier: torch.Tensor | None = None,
+    rounded: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-row int8 quantization of ``x2d [M, K]`` (times ``multiplier [K]``): each
     row's range ``[min(x, 0), max(x, 0)]`` onto 256 levels.
@@ -140,6 +141,9 @@ def quantize_per_token_asymmetric(
     ``round(x / scale) + zero point``, what oneDNN takes). A row whose values share one sign
     (BERT's post-LayerNorm rows with their large negative channels, GELU outputs) gets twice
     the resolution of the symmetric grid, which spends half its levels on the side it never uses.
+
+    ``rounded=False`` (fp32 codes only) leaves ``x / scale + zero`` unrounded, for a kernel that
+    rounds its float input itself (fbgemm's conversion to uint8: one pass fewer here).
     """
     x, owned = _float_input(x2d, multiplier)
     low = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
@@ -152,7 +156,9 @@ def quantize_per_token_asymmetric(
     if (offset, dtype) == (0, torch.float32):
         # Not clamped: a tie at the top of a row can round to 128, which the integer kernels'
         # own conversion to uint8 saturates to 255 (the clamp's value), one pass fewer
-        return scaled.round_(), scale, zero
+        return (scaled.round_() if rounded else scaled), scale, zero
+    if not rounded:
+        raise ValueError("unrounded codes are fp32 codes (offset 0)")  # internal use
     # the clamp catches that one-step overshoot before the cast, which would wrap it
     return _round_to_codes(scaled.clamp_(-128.0, 127.0), offset, dtype), scale, zero
 
@@ -865,8 +871,11 @@ def _fbgemm_int8_linear(
         out = _fbgemm_op()(x, 1.0 / inverse, round(-low * inverse), packed)
         return out if bias is None else out.add_(bias)
     if row_sums is not None:  # asymmetric: codes in [-128, 127], fbgemm's 128 added makes them uint8
-        codes, act_scale, act_zero = quantize_per_token_asymmetric(x2d, dtype=torch.float32, multiplier=multiplier)
-        if fbgemm_pairs_saturate():  # halved codes must lie in [-128, 127] (fbgemm saturates them whole)
+        halves = fbgemm_pairs_saturate()  # the halves need integer codes; else fbgemm rounds them
+        codes, act_scale, act_zero = quantize_per_token_asymmetric(
+            x2d, dtype=torch.float32, multiplier=multiplier, rounded=halves
+        )
+        if halves:  # halved codes must lie in [-128, 127] (fbgemm saturates them whole)
             codes.clamp_(max=127.0)
         return _rescale(fbgemm_linear(codes, 128, packed), act_scale, bias, act_zero, row_sums)
     if rows == 1 and terms == 1 and not fbgemm_pairs_saturate():

@@ -223,6 +223,13 @@ def test_quantize_per_token_asymmetric_codes_and_zero_points():
     folded = kernels.quantize_per_token_asymmetric(x, multiplier=multiplier)
     for got, want in zip(folded, kernels.quantize_per_token_asymmetric(x * multiplier), strict=True):
         assert torch.equal(got, want)
+    # unrounded fp32 codes, for fbgemm to round: the same codes once rounded, the same qparams
+    raw, raw_scale, raw_zero = kernels.quantize_per_token_asymmetric(x, dtype=torch.float32, rounded=False)
+    assert not torch.equal(raw, raw.round())
+    assert torch.equal(raw.round().clamp(-128, 127), q.float()) and torch.equal(raw_scale, scale)
+    assert torch.equal(raw_zero, zero)
+    with pytest.raises(ValueError, match="unrounded"):
+        kernels.quantize_per_token_asymmetric(x, 128, torch.uint8, rounded=False)
 
 
 # -- int8: SmoothQuant's input multiplier folded into the per-token quantization ----------------
